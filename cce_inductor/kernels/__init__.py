@@ -1,0 +1,1 @@
+"""Implementations of the op: ``chunked`` (any device) and the Triton kernels (CUDA)."""

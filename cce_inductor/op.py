@@ -1,0 +1,212 @@
+"""The op's contract: schemas, argument checks, shapes, autograd and dispatch.
+
+Two custom ops in the ``cce`` namespace carry the fused linear-cross-entropy
+through torch.compile as opaque nodes:
+
+``torch.ops.cce.linear_cross_entropy``
+    e (N, D), c (V, D), targets (N,) -> loss, lse (N,) float32 and,
+    where ``precompute_grads`` asks, the gradients for a unit upstream
+    gradient (empty tensors otherwise).  ``loss`` is (N,) for
+    ``reduction="none"`` and () otherwise, in e's dtype.
+
+``torch.ops.cce.linear_cross_entropy_backward``
+    upstream gradients of loss and lse -> grad_e, grad_c, grad_bias
+    (empty where not needed).
+
+Computing the gradients during the forward saves recomputing every logit in
+the backward (a third of the arithmetic); it is only valid when the loss is a
+scalar and the lse is not used, which the public wrapper decides.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .kernels import chunked
+from .kernels.chunked import LossSpec
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_inputs(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
+                 weight: Tensor | None, reduction: str, label_smoothing: float,
+                 softcap: float | None, logit_scale: float) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the argument that is wrong.
+
+    Only metadata is read (shapes, dtypes, devices, Python numbers), so this
+    is safe on fake tensors and never synchronizes with a device.
+    """
+    if e.dim() != 2:
+        raise ValueError(f"e must be 2-D (N, D) here, got shape {tuple(e.shape)}")
+    if c.dim() != 2:
+        raise ValueError(f"c must be 2-D (V, D), got shape {tuple(c.shape)}")
+    if e.shape[1] != c.shape[1]:
+        raise ValueError(
+            f"e's last dimension ({e.shape[1]}) must equal c's second dimension "
+            f"({c.shape[1]}): e is (..., D) and c is (V, D)"
+        )
+    if not e.is_floating_point():
+        raise TypeError(f"e must be a floating-point tensor, got {e.dtype}")
+    if e.dtype != c.dtype:
+        raise TypeError(
+            f"e and c must have the same dtype (like e @ c.T), got e: {e.dtype} "
+            f"and c: {c.dtype}; cast one of them first"
+        )
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or \
+            targets.dtype == torch.bool:
+        raise TypeError(
+            f"targets must hold integer class indices, got {targets.dtype} "
+            "(probability targets are not supported)"
+        )
+    if targets.dim() != 1 or targets.shape[0] != e.shape[0]:
+        raise ValueError(
+            f"targets must have one entry per row of e: expected shape "
+            f"({e.shape[0]},), got {tuple(targets.shape)}"
+        )
+    for name, t in (("bias", bias), ("weight", weight)):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != c.shape[0]:
+            raise ValueError(
+                f"{name} must have shape (V,) = ({c.shape[0]},), got {tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    if bias is not None and bias.dtype != c.dtype:
+        raise TypeError(f"bias must have c's dtype {c.dtype}, got {bias.dtype}")
+    for name, t in (("c", c), ("targets", targets), ("bias", bias), ("weight", weight)):
+        if t is not None and t.device != e.device:
+            raise ValueError(f"{name} is on {t.device} but e is on {e.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive (or None), got {softcap}")
+    if not logit_scale == logit_scale or logit_scale in (float("inf"), float("-inf")):
+        raise ValueError(f"logit_scale must be finite, got {logit_scale}")
+
+
+def check_target_values(targets: Tensor, vocab: int, ignore_index: int) -> None:
+    """Check that every target is in [0, V) or ``ignore_index``.
+
+    On the CPU this raises ``ValueError``; elsewhere it is a device-side
+    assertion (no host synchronization), as PyTorch's own cross-entropy does.
+    """
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if targets.device.type == "cpu":
+        if bad.any():
+            first = targets[bad][0].item()
+            raise ValueError(
+                f"targets must be in [0, {vocab}) or equal ignore_index "
+                f"({ignore_index}); found {first}"
+            )
+    else:
+        torch._assert_async(
+            ~bad.any(), f"cce: targets must be in [0, {vocab}) or ignore_index"
+        )
+
+
+def _spec(ignore_index: int, reduction: str, label_smoothing: float,
+          softcap: float | None, logit_scale: float) -> LossSpec:
+    return LossSpec(ignore_index, reduction, label_smoothing, softcap, logit_scale)
+
+
+@torch.library.custom_op("cce::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(
+    e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None, weight: Tensor | None,
+    ignore_index: int, reduction: str, label_smoothing: float, softcap: float | None,
+    logit_scale: float, precompute_grads: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """See the module docstring; e and targets are already flattened."""
+    check_inputs(e, c, targets, bias, weight, reduction, label_smoothing, softcap,
+                 logit_scale)
+    check_target_values(targets, c.shape[0], ignore_index)
+    spec = _spec(ignore_index, reduction, label_smoothing, softcap, logit_scale)
+    return chunked.forward(e, c, targets, bias, weight, spec, _three(precompute_grads))
+
+
+@torch.library.custom_op("cce::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward_op(
+    grad_loss: Tensor | None, grad_lse: Tensor | None, e: Tensor, c: Tensor,
+    targets: Tensor, bias: Tensor | None, weight: Tensor | None, lse: Tensor,
+    ignore_index: int, reduction: str, label_smoothing: float, softcap: float | None,
+    logit_scale: float, needs_grad: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for e, c and bias (empty tensors where ``needs_grad`` is False)."""
+    spec = _spec(ignore_index, reduction, label_smoothing, softcap, logit_scale)
+    return chunked.backward(grad_loss, grad_lse, e, c, targets, bias, weight, lse,
+                            spec, _three(needs_grad))
+
+
+def _three(flags: list[bool]) -> tuple[bool, bool, bool]:
+    if len(flags) != 3:
+        raise ValueError(f"expected three flags (e, c, bias), got {flags}")
+    return bool(flags[0]), bool(flags[1]), bool(flags[2])
+
+
+def _fake_grads(e: Tensor, c: Tensor, bias: Tensor | None, need_e: bool, need_c: bool,
+                need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return (
+        torch.empty_like(e) if need_e else e.new_empty(0),
+        torch.empty_like(c) if need_c else e.new_empty(0),
+        torch.empty_like(bias) if need_bias and bias is not None else e.new_empty(0),
+    )
+
+
+@linear_cross_entropy_op.register_fake
+def _(e, c, targets, bias, weight, ignore_index, reduction, label_smoothing, softcap,
+      logit_scale, precompute_grads):
+    check_inputs(e, c, targets, bias, weight, reduction, label_smoothing, softcap,
+                 logit_scale)
+    need_e, need_c, need_bias = _three(precompute_grads)
+    num_rows = e.shape[0]
+    loss = e.new_empty((num_rows,) if reduction == "none" else ())
+    lse = e.new_empty(num_rows, dtype=torch.float32)
+    return (loss, lse, *_fake_grads(e, c, bias, need_e, need_c, need_bias))
+
+
+@linear_cross_entropy_backward_op.register_fake
+def _(grad_loss, grad_lse, e, c, targets, bias, weight, lse, ignore_index, reduction,
+      label_smoothing, softcap, logit_scale, needs_grad):
+    return _fake_grads(e, c, bias, *_three(needs_grad))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    (e, c, targets, bias, weight, ignore_index, reduction, label_smoothing, softcap,
+     logit_scale, precompute_grads) = inputs
+    _, lse, grad_e, grad_c, grad_bias = output
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(grad_e, grad_c, grad_bias)
+    ctx.save_for_backward(e, c, targets, bias, weight, lse)
+    ctx.options = (ignore_index, reduction, label_smoothing, softcap, logit_scale)
+    # Held as an attribute, not saved, so the backward can hand these buffers
+    # to autograd without a copy; a second backward falls back to recomputing.
+    ctx.precomputed = (grad_e, grad_c, grad_bias) if any(precompute_grads) else None
+    ctx.precomputed_flags = _three(precompute_grads)
+
+
+def _backward(ctx, grad_loss, grad_lse, *unused_grads):
+    e, c, targets, bias, weight, lse = ctx.saved_tensors
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+             bias is not None and ctx.needs_input_grad[3])
+    precomputed, ctx.precomputed = ctx.precomputed, None
+    if grad_loss is None and grad_lse is None:
+        return (None,) * 11
+    if (precomputed is not None and grad_lse is None
+            and all(have or not need
+                    for have, need in zip(ctx.precomputed_flags, needs))):
+        grads = tuple(g.mul_(grad_loss) if need else None
+                      for g, need in zip(precomputed, needs))
+    else:
+        grads = linear_cross_entropy_backward_op(
+            grad_loss, grad_lse, e, c, targets, bias, weight, lse, *ctx.options,
+            list(needs),
+        )
+        grads = tuple(g if need else None for g, need in zip(grads, needs))
+    grad_e, grad_c, grad_bias = grads
+    return grad_e, grad_c, None, grad_bias, None, None, None, None, None, None, None
+
+
+linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
