@@ -2,14 +2,14 @@
 
 This is the implementation behind the op on every device without a faster
 kernel (the CPU, and CUDA without Triton).  At most ``rows_per_chunk x V``
-logits exist at any moment; they are computed in float32 from float32 copies
-of the operands.
+float32 logits exist at any moment (twice that under softcap), in buffers
+allocated once and reused for every block.
 
-Notation used throughout: for a row ``i`` with target ``y``, ``x = e @ c.T``,
+Notation: for a row ``i`` with target ``y``, ``x = e @ c.T``,
 ``u = (x + bias) * logit_scale``, ``z = softcap * tanh(u / softcap)`` (or
 ``z = u``), ``p = softmax(z)``, ``w`` the class weights (all ones when absent),
-``W = sum(w)`` and ``s`` the label smoothing.  The per-row loss that
-``F.cross_entropy`` computes is then
+``W = sum(w)`` and ``s`` the label smoothing.  The per-row loss of
+``F.cross_entropy`` is then
 
     loss_i = a_i * lse_i - (1 - s) * w_y * z_iy - (s / V) * sum_j w_j z_ij,
     a_i    = (1 - s) * w_y + s * W / V,
@@ -18,25 +18,26 @@ and its derivative with respect to ``z_ij`` is
 
     a_i * p_ij - (1 - s) * w_y * [j == y] - (s / V) * w_j.
 
-Ignored rows contribute nothing to the loss; the mean divides by the sum of
-``w_y`` over the rows that are not ignored.
+Ignored rows contribute nothing; the mean divides by the sum of ``w_y`` over
+the rows that are not ignored.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-# Logits budget per block of rows.  32 MiB keeps the working set next to the
-# operands small while the matmuls stay large enough to run at full speed.
-LOGITS_BYTES_PER_CHUNK = 32 * 2**20
+# Logits budget per block of rows: large enough that the three matmuls run at
+# full speed, small next to the operands and their gradients.
+LOGITS_BYTES_PER_CHUNK = 64 * 2**20
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    """The options of the loss that do not change from row to row."""
+    """The options of the loss that are the same for every row."""
 
     ignore_index: int
     reduction: str
@@ -46,12 +47,12 @@ class LossSpec:
 
 
 def rows_per_chunk(num_rows: int, vocab: int) -> int:
-    """How many rows of logits fit in ``LOGITS_BYTES_PER_CHUNK`` (at least one)."""
+    """How many rows of float32 logits fit in ``LOGITS_BYTES_PER_CHUNK`` (at least 1)."""
     return max(1, min(num_rows, LOGITS_BYTES_PER_CHUNK // (4 * max(vocab, 1))))
 
 
-class _Operands:
-    """Float32 views of the inputs and the per-row constants of the loss."""
+class _Problem:
+    """Float32 operands, per-row constants and the reusable logits buffers."""
 
     def __init__(self, e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
                  weight: Tensor | None, spec: LossSpec) -> None:
@@ -61,63 +62,85 @@ class _Operands:
         self.bias = None if bias is None else bias.float()
         self.vocab = c.shape[0]
         self.weight = None if weight is None else weight.float()
-        self.weight_total = (
-            float(self.vocab) if weight is None else self.weight.sum()
-        )
+        self.weight_total = float(self.vocab) if weight is None else self.weight.sum()
         self.valid = targets != spec.ignore_index
         self.safe_targets = torch.where(self.valid, targets, 0).long()
         if weight is None:
             self.target_weight = self.valid.float()
         else:
-            self.target_weight = torch.where(
-                self.valid, self.weight[self.safe_targets], 0.0
-            )
+            self.target_weight = torch.where(self.valid, self.weight[self.safe_targets], 0.0)
+        self.step = rows_per_chunk(e.shape[0], self.vocab)
+        self._logits = e.new_empty(self.step, self.vocab, dtype=torch.float32)
+        self._tanh = None if spec.softcap is None else torch.empty_like(self._logits)
+
+    def blocks(self) -> Iterator[slice]:
+        num_rows = self.e.shape[0]
+        for start in range(0, num_rows, self.step):
+            yield slice(start, min(start + self.step, num_rows))
 
     def mean_denominator(self) -> Tensor:
         return self.target_weight.sum()
 
+    def row_grad(self, grad_loss: Tensor | None) -> Tensor | None:
+        """Upstream gradient of every row's loss, zero at ignored rows."""
+        if grad_loss is None:
+            return None
+        g = grad_loss.float()
+        if self.spec.reduction == "mean":
+            g = g / self.mean_denominator()
+        return torch.where(self.valid, g.expand(self.valid.shape), 0.0)
+
     def logits(self, rows: slice) -> tuple[Tensor, Tensor | None]:
-        """Float32 logits of ``rows`` and, under softcap, ``tanh(u / softcap)``."""
+        """Float32 logits z of ``rows`` and, under softcap, ``tanh(u / softcap)``.
+
+        Both live in the reused buffers: they are overwritten by the next call.
+        """
         spec = self.spec
-        z = self.e[rows] @ self.c.T
+        z = self._logits[: rows.stop - rows.start]
+        torch.mm(self.e[rows], self.c.T, out=z)
         if self.bias is not None:
             z += self.bias
         if spec.logit_scale != 1.0:
             z *= spec.logit_scale
         if spec.softcap is None:
             return z, None
-        t = torch.tanh(z / spec.softcap)
-        return t * spec.softcap, t
+        tanh_u = self._tanh[: z.shape[0]]
+        torch.tanh(z.div_(spec.softcap), out=tanh_u)
+        return torch.mul(tanh_u, spec.softcap, out=z), tanh_u
 
-    def row_loss(self, rows: slice, z: Tensor, lse: Tensor) -> Tensor:
-        """Unreduced loss of ``rows`` (zero where ignored), float32."""
-        s = self.spec.label_smoothing
-        w_y = self.target_weight[rows]
+    def loss_terms(self, rows: slice, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The target logit of each row and, under label smoothing, sum_j w_j z_ij."""
         target_logit = z.gather(1, self.safe_targets[rows, None]).squeeze(1)
-        loss = (1 - s) * w_y * (lse - target_logit)
-        if s > 0:
-            weighted_sum = z.sum(1) if self.weight is None else z @ self.weight
-            loss = loss + (s / self.vocab) * (self.weight_total * lse - weighted_sum)
-            loss = torch.where(self.valid[rows], loss, 0.0)
+        if self.spec.label_smoothing == 0:
+            return target_logit, None
+        return target_logit, z.sum(1) if self.weight is None else z @ self.weight
+
+    def row_loss(self, rows: slice, target_logit: Tensor, weighted_sum: Tensor | None,
+                 lse: Tensor) -> Tensor:
+        """Unreduced float32 loss of ``rows``, zero where ignored."""
+        s = self.spec.label_smoothing
+        loss = (1 - s) * self.target_weight[rows] * (lse - target_logit)
+        if weighted_sum is not None:
+            smooth = (s / self.vocab) * (self.weight_total * lse - weighted_sum)
+            loss = torch.where(self.valid[rows], loss + smooth, 0.0)
         return loss
 
-    def grad_wrt_pre_scale(self, rows: slice, z: Tensor, tanh_u: Tensor | None,
-                           lse: Tensor, grad_row: Tensor | None,
-                           grad_lse: Tensor | None) -> Tensor:
-        """Gradient with respect to ``x + bias``, overwriting ``z``.
+    def grad_logits(self, rows: slice, exp_z: Tensor, tanh_u: Tensor | None,
+                    exp_scale: Tensor, grad_row: Tensor | None,
+                    grad_lse: Tensor | None) -> Tensor:
+        """Gradient with respect to ``x + bias``, computed in place of ``exp_z``.
 
-        ``grad_row`` is the upstream gradient of each row's loss (already zero
-        at ignored rows), ``grad_lse`` that of each row's log-sum-exp.
+        ``exp_z * exp_scale[:, None]`` is the softmax.  ``grad_row`` is the
+        upstream gradient of each row's loss, ``grad_lse`` that of its lse.
         """
         s = self.spec.label_smoothing
-        p = z.sub_(lse[:, None]).exp_()
-        coeff = torch.zeros_like(lse)
+        coeff = torch.zeros_like(exp_scale)
         if grad_row is not None:
-            w_y = self.target_weight[rows]
-            coeff += grad_row * ((1 - s) * w_y + s * self.weight_total / self.vocab)
+            a = (1 - s) * self.target_weight[rows] + s * self.weight_total / self.vocab
+            coeff += grad_row * a
         if grad_lse is not None:
             coeff += grad_lse.float()
-        g = p.mul_(coeff[:, None])
+        g = exp_z.mul_((coeff * exp_scale)[:, None])
         if grad_row is not None:
             onehot = grad_row * (1 - s) * self.target_weight[rows]
             g.scatter_add_(1, self.safe_targets[rows, None], -onehot[:, None])
@@ -131,50 +154,37 @@ class _Operands:
         return g
 
 
-class _GradAccumulator:
-    """dE, dC and d(bias), filled a block of rows at a time in float32 (dC, dbias)."""
+class _Gradients:
+    """dE, dC and d(bias), filled block by block; dC and dbias sum in float32."""
 
-    def __init__(self, ops: _Operands, e: Tensor, c: Tensor, bias: Tensor | None,
+    def __init__(self, problem: _Problem, e: Tensor, c: Tensor, bias: Tensor | None,
                  needs: tuple[bool, bool, bool]) -> None:
-        self.ops = ops
-        self.needs = needs
-        self.grad_e = torch.empty_like(e) if needs[0] else e.new_empty(0)
+        self.problem = problem
+        self._e, self._c, self._bias = e, c, bias
+        self.grad_e = torch.empty_like(e) if needs[0] else None
         self.grad_c = torch.zeros_like(c, dtype=torch.float32) if needs[1] else None
         self.grad_bias = (
             torch.zeros_like(bias, dtype=torch.float32)
             if needs[2] and bias is not None else None
         )
-        self._e = e
-        self._c_dtype, self._bias_dtype = c.dtype, None if bias is None else bias.dtype
 
     def add(self, rows: slice, g: Tensor) -> None:
-        if self.needs[0]:
-            self.grad_e[rows] = g @ self.ops.c
+        if self.grad_e is not None:
+            if self.grad_e.dtype == torch.float32:
+                torch.mm(g, self.problem.c, out=self.grad_e[rows])
+            else:
+                self.grad_e[rows] = g @ self.problem.c
         if self.grad_c is not None:
-            self.grad_c.addmm_(g.T, self.ops.e[rows])
+            self.grad_c.addmm_(g.T, self.problem.e[rows])
         if self.grad_bias is not None:
             self.grad_bias += g.sum(0)
 
     def result(self) -> tuple[Tensor, Tensor, Tensor]:
         """The gradients in their tensors' dtypes; empty where not asked for."""
-        e = self._e
-        grad_c = e.new_empty(0) if self.grad_c is None else self.grad_c.to(self._c_dtype)
-        grad_bias = (
-            e.new_empty(0) if self.grad_bias is None
-            else self.grad_bias.to(self._bias_dtype)
-        )
-        return self.grad_e, grad_c, grad_bias
-
-
-def _row_grad(ops: _Operands, grad_loss: Tensor | None) -> Tensor | None:
-    """The upstream gradient of every row's loss, zero at ignored rows."""
-    if grad_loss is None:
-        return None
-    spec = ops.spec
-    g = grad_loss.float()
-    if spec.reduction == "mean":
-        g = g / ops.mean_denominator()
-    return torch.where(ops.valid, g.expand(ops.valid.shape), 0.0)
+        def final(grad: Tensor | None, like: Tensor | None) -> Tensor:
+            return self._e.new_empty(0) if grad is None else grad.to(like.dtype)
+        return (final(self.grad_e, self._e), final(self.grad_c, self._c),
+                final(self.grad_bias, self._bias))
 
 
 def forward(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
@@ -182,22 +192,24 @@ def forward(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
             precompute: tuple[bool, bool, bool]
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Loss, per-row lse and, where ``precompute`` asks, the gradients for a unit
-    upstream gradient (valid only for the scalar reductions)."""
-    ops = _Operands(e, c, targets, bias, weight, spec)
-    num_rows = e.shape[0]
-    lse = e.new_empty(num_rows, dtype=torch.float32)
-    row_loss = e.new_empty(num_rows, dtype=torch.float32)
-    grads = _GradAccumulator(ops, e, c, bias, precompute) if any(precompute) else None
-    grad_row = _row_grad(ops, e.new_ones((), dtype=torch.float32)) if grads else None
+    upstream gradient of the loss (meaningful for the scalar reductions only)."""
+    problem = _Problem(e, c, targets, bias, weight, spec)
+    lse = e.new_empty(e.shape[0], dtype=torch.float32)
+    row_loss = e.new_empty(e.shape[0], dtype=torch.float32)
+    grads = _Gradients(problem, e, c, bias, precompute) if any(precompute) else None
+    grad_row = problem.row_grad(e.new_ones((), dtype=torch.float32)) if grads else None
 
-    step = rows_per_chunk(num_rows, ops.vocab)
-    for start in range(0, num_rows, step):
-        rows = slice(start, min(start + step, num_rows))
-        z, tanh_u = ops.logits(rows)
-        lse[rows] = torch.logsumexp(z, 1)
-        row_loss[rows] = ops.row_loss(rows, z, lse[rows])
+    for rows in problem.blocks():
+        z, tanh_u = problem.logits(rows)
+        target_logit, weighted_sum = problem.loss_terms(rows, z)
+        row_max = z.amax(1)
+        exp_z = z.sub_(row_max[:, None]).exp_()
+        sum_exp = exp_z.sum(1)
+        row_lse = lse[rows] = row_max + sum_exp.log()
+        row_loss[rows] = problem.row_loss(rows, target_logit, weighted_sum, row_lse)
         if grads is not None:
-            g = ops.grad_wrt_pre_scale(rows, z, tanh_u, lse[rows], grad_row[rows], None)
+            g = problem.grad_logits(rows, exp_z, tanh_u, sum_exp.reciprocal(),
+                                    grad_row[rows], None)
             grads.add(rows, g)
 
     if spec.reduction == "none":
@@ -205,7 +217,7 @@ def forward(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
     elif spec.reduction == "sum":
         loss = row_loss.sum()
     else:
-        loss = row_loss.sum() / ops.mean_denominator()
+        loss = row_loss.sum() / problem.mean_denominator()
     if grads is None:
         grad_e, grad_c, grad_bias = (e.new_empty(0) for _ in range(3))
     else:
@@ -219,16 +231,15 @@ def backward(grad_loss: Tensor | None, grad_lse: Tensor | None, e: Tensor, c: Te
              ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of the loss (upstream ``grad_loss``) and of the returned lse
     (upstream ``grad_lse``) with respect to e, c and bias, recomputing logits."""
-    ops = _Operands(e, c, targets, bias, weight, spec)
-    grads = _GradAccumulator(ops, e, c, bias, needs)
-    grad_row = _row_grad(ops, grad_loss)
-    num_rows = e.shape[0]
-    step = rows_per_chunk(num_rows, ops.vocab)
-    for start in range(0, num_rows, step):
-        rows = slice(start, min(start + step, num_rows))
-        z, tanh_u = ops.logits(rows)
-        g = ops.grad_wrt_pre_scale(
-            rows, z, tanh_u, lse[rows],
+    problem = _Problem(e, c, targets, bias, weight, spec)
+    grads = _Gradients(problem, e, c, bias, needs)
+    grad_row = problem.row_grad(grad_loss)
+    for rows in problem.blocks():
+        z, tanh_u = problem.logits(rows)
+        row_lse = lse[rows]
+        exp_z = z.sub_(row_lse[:, None]).exp_()
+        g = problem.grad_logits(
+            rows, exp_z, tanh_u, torch.ones_like(row_lse),
             None if grad_row is None else grad_row[rows],
             None if grad_lse is None else grad_lse[rows],
         )

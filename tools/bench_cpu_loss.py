@@ -1,0 +1,146 @@
+"""Peak memory and time of loss + backward on the CPU, one process per method.
+
+    python tools/bench_cpu_loss.py                 # N=4096, D=512, V=128256, fp32
+    python tools/bench_cpu_loss.py --n 512 --v 32000 --methods floor,eager,ours
+
+Every method runs in a fresh interpreter that builds the same inputs and reports
+its peak RSS (``ru_maxrss``) and the median wall time of forward + backward
+after one warm-up call (which compiles, for the compiled methods).  The table
+gives memory as a ratio to the floor (inputs, their gradients and the
+torch.compile machinery imported) and time as a ratio to plain torch.compile,
+both measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = {
+    "floor": "inputs, gradients, torch.compile imported",
+    "eager": "F.cross_entropy(e @ c.T, y)",
+    "compile": "torch.compile",
+    "auto_chunker": "torch.compile + auto_chunker.enable",
+    "torch_lce": "F.linear_cross_entropy + LinearCrossEntropyOptions()",
+    "apple_cce": "cut_cross_entropy impl=torch_compile",
+    "ours": "cce_inductor.linear_cross_entropy",
+    "ours_compiled": "torch.compile + cce_inductor.linear_cross_entropy",
+}
+
+
+def _loss_fn(method: str):
+    import torch
+    import torch.nn.functional as F
+
+    def reference(e, c, y):
+        return F.cross_entropy(e @ c.T, y)
+
+    if method == "eager":
+        return reference
+    if method == "compile":
+        return torch.compile(reference)
+    if method == "auto_chunker":
+        return torch.compile(reference, options={"auto_chunker.enable": True})
+    if method == "torch_lce":
+        if not hasattr(F, "linear_cross_entropy"):
+            return None
+        options = torch.nn.LinearCrossEntropyOptions()
+        return lambda e, c, y: F.linear_cross_entropy(e, c, y, options=options)
+    if method == "apple_cce":
+        try:
+            from cut_cross_entropy import linear_cross_entropy as apple_lce
+        except ImportError:
+            return None
+        return lambda e, c, y: apple_lce(e, c, y, impl="torch_compile")
+    from cce_inductor import linear_cross_entropy
+
+    if method == "ours":
+        return linear_cross_entropy
+    if method == "ours_compiled":
+        return torch.compile(linear_cross_entropy)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def worker(method: str, n: int, d: int, v: int, threads: int, repeats: int) -> dict:
+    """Run one method in this process and return its measurements."""
+    import torch
+    import torch._inductor.compile_fx  # noqa: F401  (counted in every method)
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    # Drawn in place so that no temporary of c's size inflates the peak.
+    e = torch.empty(n, d).normal_(generator=gen).requires_grad_()
+    c = torch.empty(v, d).normal_(std=d**-0.5, generator=gen).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=gen)
+    if method == "floor":
+        e.grad, c.grad = torch.zeros_like(e), torch.zeros_like(c)
+        return {"rss_mib": _peak_rss_mib(), "seconds": None}
+    fn = _loss_fn(method)
+    if fn is None:
+        return {"skipped": "not available here"}
+    times = []
+    for step in range(repeats + 1):
+        e.grad = c.grad = None
+        start = time.perf_counter()
+        fn(e, c, y).backward()
+        if step:
+            times.append(time.perf_counter() - start)
+    return {"rss_mib": _peak_rss_mib(), "seconds": statistics.median(times)}
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--d", type=int, default=512)
+    parser.add_argument("--v", type=int, default=128256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = worker(args.worker, args.n, args.d, args.v, args.threads, args.repeats)
+        print(json.dumps(result))
+        return
+
+    results = {}
+    for method in args.methods.split(","):
+        cmd = [sys.executable, __file__, "--worker", method, "--n", str(args.n),
+               "--d", str(args.d), "--v", str(args.v), "--threads", str(args.threads),
+               "--repeats", str(args.repeats)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            results[method] = {"skipped": f"failed: {proc.stderr.strip().splitlines()[-1]}"}
+        else:
+            results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  {method}: {results[method]}", file=sys.stderr)
+
+    floor = results.get("floor", {}).get("rss_mib")
+    compiled = results.get("compile", {}).get("seconds")
+    print(f"\nN={args.n} D={args.d} V={args.v} float32, {args.threads} threads, "
+          f"loss + backward, median of {args.repeats}\n")
+    print("| method | what | peak RSS (MiB) | x floor | time (s) | x torch.compile |")
+    print("|---|---|---|---|---|---|")
+    for method, r in results.items():
+        if "skipped" in r:
+            print(f"| {method} | {METHODS[method]} | {r['skipped']} | | | |")
+            continue
+        mem_ratio = f"{r['rss_mib'] / floor:.2f}" if floor else ""
+        secs = r["seconds"]
+        time_cell = "" if secs is None else f"{secs:.2f}"
+        time_ratio = f"{secs / compiled:.2f}" if secs is not None and compiled else ""
+        print(f"| {method} | {METHODS[method]} | {r['rss_mib']:.0f} | {mem_ratio} | "
+              f"{time_cell} | {time_ratio} |")
+
+
+if __name__ == "__main__":
+    main()
