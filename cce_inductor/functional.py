@@ -87,6 +87,7 @@ def linear_cross_entropy(
         e2, c, t1, bias, weight, int(ignore_index), reduction, float(label_smoothing),
         softcap, float(logit_scale), precompute,
     )
+    loss = loss.to(e.dtype)
     if not scalar_loss:
         loss = loss.view(lead_shape)
     if return_lse:

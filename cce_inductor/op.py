@@ -6,8 +6,9 @@ through torch.compile as opaque nodes:
 ``torch.ops.cce.linear_cross_entropy``
     e (N, D), c (V, D), targets (N,) -> loss, lse (N,) float32 and,
     where ``precompute_grads`` asks, the gradients for a unit upstream
-    gradient (empty tensors otherwise).  ``loss`` is (N,) for
-    ``reduction="none"`` and () otherwise, in e's dtype.
+    gradient (empty tensors otherwise).  ``loss`` is float32, (N,) for
+    ``reduction="none"`` and () otherwise; callers cast it to the dtype the
+    logits would have had.
 
 ``torch.ops.cce.linear_cross_entropy_backward``
     upstream gradients of loss and lse -> grad_e, grad_c, grad_bias
@@ -162,7 +163,7 @@ def _(e, c, targets, bias, weight, ignore_index, reduction, label_smoothing, sof
                  logit_scale)
     need_e, need_c, need_bias = _three(precompute_grads)
     num_rows = e.shape[0]
-    loss = e.new_empty((num_rows,) if reduction == "none" else ())
+    loss = e.new_empty((num_rows,) if reduction == "none" else (), dtype=torch.float32)
     lse = e.new_empty(num_rows, dtype=torch.float32)
     return (loss, lse, *_fake_grads(e, c, bias, need_e, need_c, need_bias))
 

@@ -191,8 +191,9 @@ def forward(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
             weight: Tensor | None, spec: LossSpec,
             precompute: tuple[bool, bool, bool]
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Loss, per-row lse and, where ``precompute`` asks, the gradients for a unit
-    upstream gradient of the loss (meaningful for the scalar reductions only)."""
+    """Float32 loss, float32 per-row lse and, where ``precompute`` asks, the
+    gradients for a unit upstream gradient of the loss (meaningful for the
+    scalar reductions only)."""
     problem = _Problem(e, c, targets, bias, weight, spec)
     lse = e.new_empty(e.shape[0], dtype=torch.float32)
     row_loss = e.new_empty(e.shape[0], dtype=torch.float32)
@@ -222,7 +223,7 @@ def forward(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
         grad_e, grad_c, grad_bias = (e.new_empty(0) for _ in range(3))
     else:
         grad_e, grad_c, grad_bias = grads.result()
-    return loss.to(e.dtype), lse, grad_e, grad_c, grad_bias
+    return loss, lse, grad_e, grad_c, grad_bias
 
 
 def backward(grad_loss: Tensor | None, grad_lse: Tensor | None, e: Tensor, c: Tensor,
