@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .op import check_inputs, linear_cross_entropy_op
+from .op import check_inputs, linear_cross_entropy_op, prefers_forward_gradients
 
 
 def linear_cross_entropy(
@@ -77,7 +77,7 @@ def linear_cross_entropy(
                  float(logit_scale))
 
     scalar_loss = reduction != "none"
-    grad_needed = torch.is_grad_enabled()
+    grad_needed = torch.is_grad_enabled() and prefers_forward_gradients(e.device)
     precompute = [
         grad_needed and scalar_loss and not return_lse and t is not None
         and t.requires_grad

@@ -21,6 +21,9 @@ scalar and the lse is not used, which the public wrapper decides.
 
 from __future__ import annotations
 
+import logging
+from types import ModuleType
+
 import torch
 from torch import Tensor
 
@@ -121,10 +124,8 @@ def linear_cross_entropy_op(
     logit_scale: float, precompute_grads: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """See the module docstring; e and targets are already flattened."""
-    check_inputs(e, c, targets, bias, weight, reduction, label_smoothing, softcap,
-                 logit_scale)
-    check_target_values(targets, c.shape[0], ignore_index)
-    spec = _spec(ignore_index, reduction, label_smoothing, softcap, logit_scale)
+    spec = _checked_spec(e, c, targets, bias, weight, ignore_index, reduction,
+                         label_smoothing, softcap, logit_scale)
     return chunked.forward(e, c, targets, bias, weight, spec, _three(precompute_grads))
 
 
@@ -139,6 +140,67 @@ def linear_cross_entropy_backward_op(
     spec = _spec(ignore_index, reduction, label_smoothing, softcap, logit_scale)
     return chunked.backward(grad_loss, grad_lse, e, c, targets, bias, weight, lse,
                             spec, _three(needs_grad))
+
+
+def _checked_spec(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
+                  weight: Tensor | None, ignore_index: int, reduction: str,
+                  label_smoothing: float, softcap: float | None,
+                  logit_scale: float) -> LossSpec:
+    check_inputs(e, c, targets, bias, weight, reduction, label_smoothing, softcap,
+                 logit_scale)
+    check_target_values(targets, c.shape[0], ignore_index)
+    return _spec(ignore_index, reduction, label_smoothing, softcap, logit_scale)
+
+
+_triton: tuple[ModuleType, ModuleType] | None | bool = False  # False: not tried yet
+
+
+def _triton_kernels() -> tuple[ModuleType, ModuleType] | None:
+    """The Triton forward and backward modules, or None (warned about once)
+    when Triton cannot be imported."""
+    global _triton
+    if _triton is False:
+        try:
+            from .kernels import triton_backward, triton_forward
+            _triton = (triton_forward, triton_backward)
+        except ImportError as err:
+            logging.getLogger("cce_inductor").warning(
+                "Triton is not available (%s): the CUDA path of cce::linear_cross_entropy "
+                "falls back to the slower chunked PyTorch implementation", err)
+            _triton = None
+    return _triton
+
+
+def prefers_forward_gradients(device: torch.device | str) -> bool:
+    """Whether the op should compute gradients during the forward on ``device``.
+
+    False where the fused Triton backward runs (CUDA with Triton): it
+    recomputes logits cheaply and skips negligible tiles, and the forward
+    then keeps no gradient-sized buffers alive.  True elsewhere.
+    """
+    return not (torch.device(device).type == "cuda" and _triton_kernels() is not None)
+
+
+@linear_cross_entropy_op.register_kernel("cuda")
+def _(e, c, targets, bias, weight, ignore_index, reduction, label_smoothing, softcap,
+      logit_scale, precompute_grads):
+    spec = _checked_spec(e, c, targets, bias, weight, ignore_index, reduction,
+                         label_smoothing, softcap, logit_scale)
+    flags = _three(precompute_grads)
+    kernels = _triton_kernels()
+    if kernels is None or any(flags):
+        return chunked.forward(e, c, targets, bias, weight, spec, flags)
+    return kernels[0].forward(e, c, targets, bias, weight, spec, flags)
+
+
+@linear_cross_entropy_backward_op.register_kernel("cuda")
+def _(grad_loss, grad_lse, e, c, targets, bias, weight, lse, ignore_index, reduction,
+      label_smoothing, softcap, logit_scale, needs_grad):
+    spec = _spec(ignore_index, reduction, label_smoothing, softcap, logit_scale)
+    kernels = _triton_kernels()
+    implementation = chunked if kernels is None else kernels[1]
+    return implementation.backward(grad_loss, grad_lse, e, c, targets, bias, weight, lse,
+                                   spec, _three(needs_grad))
 
 
 def _three(flags: list[bool]) -> tuple[bool, bool, bool]:

@@ -204,7 +204,7 @@ def forward(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
             weight: Tensor | None, spec: LossSpec,
             precompute: tuple[bool, bool, bool]
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Loss (e's dtype, reduced as ``spec.reduction`` says) and per-row lse
+    """Float32 loss (reduced as ``spec.reduction`` says) and per-row lse
     (float32), plus three empty tensors: same contract as ``chunked.forward``
     for ``precompute == (False, False, False)``, the only value accepted."""
     if any(precompute):
@@ -245,4 +245,4 @@ def forward(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
         loss = row_loss.sum()
     else:
         loss = row_loss.sum() / terms.mean_denominator()
-    return loss.to(e.dtype), lse, e.new_empty(0), e.new_empty(0), e.new_empty(0)
+    return loss, lse, e.new_empty(0), e.new_empty(0), e.new_empty(0)
