@@ -60,6 +60,22 @@ def linear_cross_entropy(
     device-side assertion (as ``F.cross_entropy`` does there), since a host
     check would synchronize.
     """
+    return fused_linear_cross_entropy(
+        e, c, targets, bias, weight, ignore_index, reduction, label_smoothing, softcap,
+        logit_scale, return_lse, loss_dtype=e.dtype)
+
+
+def fused_linear_cross_entropy(
+    e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None, weight: Tensor | None,
+    ignore_index: int, reduction: str, label_smoothing: float, softcap: float | None,
+    logit_scale: float, return_lse: bool, *, loss_dtype: torch.dtype,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``linear_cross_entropy`` with the loss returned in ``loss_dtype``.
+
+    This is what the graph rewrite calls: there the loss must come out in the
+    dtype the original logits had (float32 after an upcast of bf16 logits,
+    say), which need not be e's dtype.
+    """
     if e.dim() < 1:
         raise ValueError("e must have at least one dimension (..., D)")
     if targets.shape != e.shape[:-1]:
@@ -87,7 +103,7 @@ def linear_cross_entropy(
         e2, c, t1, bias, weight, int(ignore_index), reduction, float(label_smoothing),
         softcap, float(logit_scale), precompute,
     )
-    loss = loss.to(e.dtype)
+    loss = loss.to(loss_dtype)
     if not scalar_loss:
         loss = loss.view(lead_shape)
     if return_lse:
