@@ -116,7 +116,6 @@ def find_sites(graph: Graph) -> list[Site]:
         except _Skip as skip:
             site.skip_reason = str(skip)
         sites.append(site)
-    _refuse_shared_logits(sites)
     return sites
 
 
@@ -180,6 +179,7 @@ def _bind_gather(site: Site, node: Node) -> Node:
     log_probs, dim, index = args[0], node.kwargs.get("dim", args[1]), \
         node.kwargs.get("index", args[2])
     lp_value = _value(log_probs)
+    logits = _log_softmax_input(site, log_probs)
     if not _is_last_dim(dim, lp_value.dim()):
         raise _Skip(f"gather over dim {dim}, not the vocabulary (last) dimension")
     if not isinstance(index, Node):
@@ -192,13 +192,11 @@ def _bind_gather(site: Site, node: Node) -> Node:
         raise _Skip("gather index is not an integer tensor")
     if tuple(target_value.shape) != tuple(lp_value.shape[:-1]):
         raise _Skip("gather index does not pick one class per row")
-    if len(log_probs.users) != 1:
-        raise _Skip("the log_softmax is used by more than the gather")
     site.targets = targets
     site.ignore_index = NO_IGNORE_INDEX
     site.reduction = "none"
     site.logits_dtype = lp_value.dtype
-    return _log_softmax_input(site, log_probs)
+    return logits
 
 
 def _log_softmax_input(site: Site, log_probs: Node) -> Node:
@@ -332,6 +330,9 @@ def _absorb_step(site: Site, node: Node) -> Node:
                     site.bias = bias
                     return source
         raise _Skip(f"{node.name} adds something other than a (V,) bias")
+    if node.op == "placeholder":
+        raise _Skip(f"the logits ({node.name}) are an input of this graph: the linear ran "
+                    "in an earlier graph (a graph break lies between it and the loss)")
     raise _Skip(f"logits pass through {_describe(node)}, which the rewrite does not "
                 "see through")
 
@@ -387,6 +388,8 @@ def _check_users(site: Site) -> None:
                     raise _Skip(f"{user.name} takes logsumexp before the scale/softcap")
                 site.logsumexp_users.append(user)
                 continue
+            if _anchor_form(user) or _is_log_softmax(user):
+                raise _Skip(f"the same logits also feed a second loss ({_describe(user)})")
             raise _Skip(f"the logits are also used by {_describe(user)}, which needs "
                         "the full matrix")
 
@@ -401,19 +404,6 @@ def _absorbed_after(site: Site, node: Node) -> bool:
                 _is_method(step, ("mul", "div", "add")):
             return True
     return False
-
-
-def _refuse_shared_logits(sites: list[Site]) -> None:
-    """Two losses over the same linear cannot both be served: leave both."""
-    by_linear: dict[Node, list[Site]] = {}
-    for site in sites:
-        if site.linear is not None:
-            by_linear.setdefault(site.linear, []).append(site)
-    for group in by_linear.values():
-        if len(group) > 1:
-            for site in group:
-                if site.rewrite:
-                    site.skip_reason = "several losses share these logits"
 
 
 def _is_logsumexp_of_rows(user: Node, source: Node) -> bool:

@@ -1,0 +1,212 @@
+"""The catalogue of loss forms: what the rewrite serves and what it leaves alone.
+
+Each ``Form`` is a small model written the way users write it.  The snapshot
+tests, the numeric tests, the differential fuzz test and the table in
+docs/catalogue.md (``tools/catalogue_table.py``) are all generated from this list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+B, T, D, V = 2, 7, 12, 37  # none of them a multiple of any block size
+IGNORE = -100
+
+
+class Head(nn.Module):
+    """A classifier (and an embedding to tie it to) around a loss function."""
+
+    def __init__(self, loss_fn: Callable, bias: bool = False, dtype=torch.float32):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.weight = nn.Parameter((torch.randn(V, D, generator=gen) * D**-0.5).to(dtype))
+        self.bias = nn.Parameter(torch.randn(V, generator=gen).to(dtype)) if bias else None
+        self.lm_head = nn.Linear(D, V, bias=bias, dtype=dtype)
+        self.embed = nn.Embedding(V, D, dtype=dtype)
+        self.ce = nn.CrossEntropyLoss(ignore_index=5)
+        self.loss_fn = loss_fn
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self, h, y)
+
+
+@dataclass(frozen=True)
+class Form:
+    """One way of writing a loss; ``reason`` is set for forms left alone."""
+
+    name: str
+    code: str  # the user's code, for the docs table
+    loss_fn: Callable
+    reason: str | None = None
+    bias: bool = False
+    dtype: torch.dtype = torch.float32
+    ignored_rows: bool = True  # targets include IGNORE
+    autocast: bool = False
+
+    @property
+    def rewritten(self) -> bool:
+        return self.reason is None
+
+    def model(self) -> Head:
+        return Head(self.loss_fn, bias=self.bias, dtype=self.dtype)
+
+    def inputs(self, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        h = torch.randn(B, T, D, generator=gen).to(self.dtype).requires_grad_()
+        y = torch.randint(0, V, (B, T), generator=gen)
+        if self.ignored_rows:
+            y[0, 2] = y[1, 5] = IGNORE
+        return h, y
+
+
+def _masked_mean(m, h, y):
+    logp = F.log_softmax(h @ m.weight.T, dim=-1)
+    nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    mask = (y % 3 != 0).float()
+    return (nll * mask).sum() / mask.sum()
+
+
+def _hf_shift(m, h, y):
+    logits = m.lm_head(h).float()
+    labels = F.pad(y, (0, 1), value=IGNORE)
+    shift_labels = labels[..., 1:].contiguous()
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), shift_labels.view(-1),
+                           ignore_index=IGNORE)
+
+
+def _z_loss(m, h, y):
+    logits = F.linear(h, m.weight).view(-1, V)
+    ce = F.cross_entropy(logits, y.view(-1))
+    return ce + 1e-2 * torch.logsumexp(logits, -1).pow(2).mean()
+
+
+def _with_accuracy(m, h, y):
+    logits = F.linear(h, m.weight).view(-1, V)
+    accuracy = (logits.argmax(-1) == y.view(-1)).float().mean()
+    return F.cross_entropy(logits, y.view(-1)) + 0.0 * accuracy
+
+
+def _two_losses(m, h, y):
+    logits = F.linear(h, m.weight).view(-1, V)
+    return F.cross_entropy(logits, y.view(-1)) + \
+        F.nll_loss(F.log_softmax(logits, -1), y.view(-1).clamp(min=0))
+
+
+def _autocast_bf16(m, h, y):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = m.lm_head(h)
+    return F.cross_entropy(logits.float().view(-1, V), y.view(-1))
+
+
+FORMS: list[Form] = [
+    Form("linear_2d", "F.cross_entropy(F.linear(h2, W), y2)",
+         lambda m, h, y: F.cross_entropy(F.linear(h.view(-1, D), m.weight), y.view(-1))),
+    Form("view_3d", "F.cross_entropy(F.linear(h, W).view(-1, V), y.view(-1))",
+         lambda m, h, y: F.cross_entropy(F.linear(h, m.weight).view(-1, V), y.view(-1))),
+    Form("reshape_3d", "F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))",
+         lambda m, h, y: F.cross_entropy(F.linear(h, m.weight).reshape(-1, V),
+                                         y.reshape(-1))),
+    Form("flatten_3d", "F.cross_entropy(logits.flatten(0, 1), y.flatten())",
+         lambda m, h, y: F.cross_entropy(F.linear(h, m.weight).flatten(0, 1), y.flatten())),
+    Form("matmul_t", "h @ W.t()",
+         lambda m, h, y: F.cross_entropy((h @ m.weight.t()).view(-1, V), y.view(-1))),
+    Form("matmul_T", "h @ W.T",
+         lambda m, h, y: F.cross_entropy((h @ m.weight.T).view(-1, V), y.view(-1))),
+    Form("torch_matmul", "torch.matmul(h, W.t())",
+         lambda m, h, y: F.cross_entropy(torch.matmul(h, m.weight.t()).view(-1, V),
+                                         y.view(-1))),
+    Form("nn_linear", "nn.Linear(D, V, bias=False)",
+         lambda m, h, y: F.cross_entropy(m.lm_head(h).view(-1, V), y.view(-1))),
+    Form("nn_linear_bias", "nn.Linear(D, V, bias=True)",
+         lambda m, h, y: F.cross_entropy(m.lm_head(h).view(-1, V), y.view(-1)), bias=True),
+    Form("bias_add", "h @ W.T + b",
+         lambda m, h, y: F.cross_entropy((h @ m.weight.T + m.bias).view(-1, V), y.view(-1)),
+         bias=True),
+    Form("tied_embedding", "F.linear(h, embedding.weight)",
+         lambda m, h, y: F.cross_entropy(F.linear(h + m.embed(y.clamp(min=0)),
+                                                  m.embed.weight).view(-1, V),
+                                         y.view(-1))),
+    Form("upcast_float", "bf16 logits .float()",
+         lambda m, h, y: F.cross_entropy(m.lm_head(h).float().view(-1, V), y.view(-1)),
+         dtype=torch.bfloat16),
+    Form("upcast_to", "bf16 logits .to(torch.float32)",
+         lambda m, h, y: F.cross_entropy(F.linear(h, m.weight).to(torch.float32)
+                                         .view(-1, V), y.view(-1)),
+         dtype=torch.bfloat16),
+    Form("autocast_bf16", "nn.Linear under torch.autocast(bfloat16)", _autocast_bf16,
+         autocast=True),
+    Form("shift_contiguous", "logits[:, :-1].contiguous(), y[:, 1:].contiguous()",
+         lambda m, h, y: F.cross_entropy(
+             F.linear(h, m.weight)[:, :-1].contiguous().view(-1, V),
+             y[:, 1:].contiguous().view(-1))),
+    Form("shift_reshape", "logits[:, :-1].reshape(-1, V), y[:, 1:].reshape(-1)",
+         lambda m, h, y: F.cross_entropy(F.linear(h, m.weight)[:, :-1].reshape(-1, V),
+                                         y[:, 1:].reshape(-1))),
+    Form("hf_pad_shift", "Hugging Face: pad labels, shift, .float(), view", _hf_shift),
+    Form("log_softmax_nll", "F.nll_loss(F.log_softmax(logits, -1), y)",
+         lambda m, h, y: F.nll_loss(F.log_softmax(F.linear(h, m.weight).view(-1, V), -1),
+                                    y.view(-1))),
+    Form("gather_mean", "-log_softmax(logits).gather(-1, y[..., None]).mean()",
+         lambda m, h, y: -F.log_softmax(h @ m.weight.T, -1).gather(
+             -1, y.unsqueeze(-1)).squeeze(-1).mean(), ignored_rows=False),
+    Form("gather_sum", "-(logp.gather(-1, y.unsqueeze(-1))).sum()",
+         lambda m, h, y: -(torch.log_softmax(h @ m.weight.T, dim=-1).gather(
+             -1, y.unsqueeze(-1))).sum(), ignored_rows=False),
+    Form("gather_masked_mean", "(nll * mask).sum() / mask.sum()", _masked_mean,
+         ignored_rows=False),
+    Form("cross_entropy_module", "nn.CrossEntropyLoss(ignore_index=5)",
+         lambda m, h, y: m.ce(m.lm_head(h).view(-1, V), y.view(-1).clamp(min=0))),
+    Form("ignore_index", "ignore_index=3",
+         lambda m, h, y: F.cross_entropy(F.linear(h, m.weight).view(-1, V),
+                                         y.view(-1).clamp(min=0), ignore_index=3)),
+    Form("reduction_none", "reduction='none'",
+         lambda m, h, y: F.cross_entropy(F.linear(h, m.weight).view(-1, V), y.view(-1),
+                                         reduction="none").pow(2).sum()),
+    Form("reduction_sum", "reduction='sum'",
+         lambda m, h, y: F.cross_entropy(F.linear(h, m.weight).view(-1, V), y.view(-1),
+                                         reduction="sum")),
+    Form("sum_over_count", "reduction='sum' / num_items (gradient accumulation)",
+         lambda m, h, y: F.cross_entropy(F.linear(h, m.weight).view(-1, V), y.view(-1),
+                                         reduction="sum") / (y != IGNORE).sum()),
+    Form("label_smoothing", "label_smoothing=0.1",
+         lambda m, h, y: F.cross_entropy(F.linear(h, m.weight).view(-1, V), y.view(-1),
+                                         label_smoothing=0.1)),
+    Form("class_weight", "weight=w",
+         lambda m, h, y: F.cross_entropy(F.linear(h, m.weight).view(-1, V), y.view(-1),
+                                         weight=m.embed.weight[:, 0].detach().abs() + 0.5)),
+    Form("softcap", "cap * tanh(logits / cap)",
+         lambda m, h, y: F.cross_entropy(
+             (30.0 * torch.tanh(F.linear(h, m.weight) / 30.0)).view(-1, V), y.view(-1))),
+    Form("softcap_gemma", "logits / cap; tanh; * cap (Gemma 2)",
+         lambda m, h, y: F.cross_entropy(
+             (torch.tanh(F.linear(h, m.weight) / 5.0) * 5.0).view(-1, V), y.view(-1))),
+    Form("scale_mul", "logits * 0.5",
+         lambda m, h, y: F.cross_entropy((F.linear(h, m.weight) * 0.5).view(-1, V),
+                                         y.view(-1))),
+    Form("scale_div", "logits / temperature",
+         lambda m, h, y: F.cross_entropy((F.linear(h, m.weight) / 0.7).view(-1, V),
+                                         y.view(-1))),
+    Form("z_loss", "cross_entropy + 1e-2 * logsumexp(logits, -1).pow(2).mean()", _z_loss),
+    # Left alone.
+    Form("soft_targets", "F.cross_entropy(logits, probabilities)",
+         lambda m, h, y: F.cross_entropy(F.linear(h, m.weight).view(-1, V),
+                                         F.one_hot(y.view(-1).clamp(min=0), V).float()),
+         reason="probabilities"),
+    Form("log_softmax_other_dim", "log_softmax(logits, dim=0).gather(-1, ...)",
+         lambda m, h, y: -F.log_softmax(F.linear(h.view(-1, D), m.weight), 0).gather(
+             -1, y.view(-1, 1)).mean(), reason="not the vocabulary", ignored_rows=False),
+    Form("argmax_consumer", "loss + accuracy from logits.argmax(-1)", _with_accuracy,
+         reason="needs the full matrix"),
+    Form("two_losses", "two losses from the same logits", _two_losses,
+         reason="second loss"),
+    Form("class_dim_1", "F.cross_entropy(logits.transpose(1, 2), y)",
+         lambda m, h, y: F.cross_entropy(F.linear(h, m.weight).transpose(1, 2), y),
+         reason="not 2-D"),
+]
+
+FORMS_BY_NAME = {form.name: form for form in FORMS}
