@@ -171,6 +171,8 @@ def _triton_kernels() -> tuple[ModuleType, ModuleType] | None:
     return _triton
 
 
+# Evaluated eagerly when traced: it may import Triton, which is no graph code.
+@torch.compiler.assume_constant_result
 def prefers_forward_gradients(device: torch.device | str) -> bool:
     """Whether the op should compute gradients during the forward on ``device``.
 
