@@ -45,7 +45,7 @@ def rewrite_graph(graph: Graph) -> list[Site]:
         for site in sites:
             if site.rewrite:
                 rewrite_site(graph, site)
-                log.info("rewrote %s at %s", site.form, site.source_line())
+                log.info("cce_inductor rewrote %s at %s", site.form, site.source_line())
             else:
                 log.info("left %s at %s alone: %s", site.form, site.source_line(),
                          site.skip_reason)
@@ -172,6 +172,18 @@ def disable() -> None:
     elif isinstance(current, (list, tuple)):
         rest = [p for p in current if p is not GRAPH_PASS]
         inductor_config.pre_grad_custom_pass = rest or None
+
+
+def get_pre_grad_passes() -> list[Any]:
+    """The passes now configured in Inductor's ``pre_grad_custom_pass``, as a list."""
+    from torch._inductor import config as inductor_config
+
+    current = inductor_config.pre_grad_custom_pass
+    if isinstance(current, _PassPair):
+        return [current.first, current.second]
+    if isinstance(current, (list, tuple)):
+        return list(current)
+    return [] if current is None else [current]
 
 
 def _accepts_pass_lists() -> bool:
