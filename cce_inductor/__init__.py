@@ -21,7 +21,7 @@ _PUBLIC = {
     "make_backend": "backend",
     "enable": "backend",
     "disable": "backend",
-    "explain": "explain",
+    "explain": "report",
     "linear_cross_entropy": "functional",
     "config": None,
 }

@@ -33,37 +33,43 @@ Backend = Callable[[GraphModule, Sequence[Any]], Callable[..., Any]]
 def rewrite_graph(graph: Graph) -> list[Site]:
     """Rewrite every matched loss in ``graph`` in place; return all candidate sites.
 
-    Never raises: if matching or rewriting fails, the graph is restored to
-    what it was, a warning names the reason, and no site is reported as
-    rewritten.
+    Never raises.  If matching fails, the graph is left as it is; if rewriting
+    one site fails, the nodes it added are removed and that site is reported
+    as skipped.  Either way one warning names the reason.
     """
-    backup = Graph()
-    output = backup.graph_copy(graph, {})
-    backup.output(output)
     try:
         sites = find_sites(graph)
-        for site in sites:
-            if site.rewrite:
-                rewrite_site(graph, site)
-                log.info("cce_inductor rewrote %s at %s", site.form, site.source_line())
-            else:
-                log.info("left %s at %s alone: %s", site.form, site.source_line(),
-                         site.skip_reason)
-        graph.lint()
-    except Exception as error:  # the user's compile must go on unchanged
-        _restore(graph, backup)
-        warnings.warn(f"cce_inductor left this graph unchanged: the rewrite failed "
-                      f"with {type(error).__name__}: {error}", stacklevel=2)
-        log.debug("rewrite failure", exc_info=True)
+    except Exception as error:
+        _warn_failure(error)
         return []
+    for site in sites:
+        if not site.rewrite:
+            log.info("cce_inductor left %s at %s alone: %s", site.form,
+                     site.source_line(), site.skip_reason)
+            continue
+        existing = set(graph.nodes)
+        try:
+            rewrite_site(graph, site)
+            graph.lint()
+        except Exception as error:
+            _remove_added_nodes(graph, existing)
+            site.skip_reason = f"the rewrite failed ({type(error).__name__}: {error})"
+            _warn_failure(error)
+            continue
+        log.info("cce_inductor rewrote %s at %s", site.form, site.source_line())
     return sites
 
 
-def _restore(graph: Graph, backup: Graph) -> None:
+def _warn_failure(error: Exception) -> None:
+    warnings.warn(f"cce_inductor left a loss unchanged: the rewrite failed with "
+                  f"{type(error).__name__}: {error}", stacklevel=3)
+    log.debug("rewrite failure", exc_info=True)
+
+
+def _remove_added_nodes(graph: Graph, existing: set) -> None:
     for node in reversed(list(graph.nodes)):  # users always come after their inputs
-        graph.erase_node(node)
-    output = graph.graph_copy(backup, {})
-    graph.output(output)
+        if node not in existing:
+            graph.erase_node(node)
 
 
 def make_backend(inner: str | Backend = "inductor") -> Backend:

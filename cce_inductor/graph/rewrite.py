@@ -29,7 +29,11 @@ _warned_dropped_logits = False
 
 
 def rewrite_site(graph: Graph, site: Site) -> None:
-    """Replace ``site``'s loss with one op call; the graph stays valid."""
+    """Replace ``site``'s loss with one op call; the graph stays valid.
+
+    New nodes are all built before any existing node is touched, so a failure
+    while building leaves only unused new nodes behind.
+    """
     with graph.inserting_before(site.anchor):
         new = _NodeMaker(graph, site.anchor)
         hidden = site.hidden
@@ -60,9 +64,13 @@ def rewrite_site(graph: Graph, site: Site) -> None:
         loss = new.function(operator.getitem, result, 0) if wants_lse else result
         lse = new.function(operator.getitem, result, 1) if wants_lse else None
         replacement = _loss_replacement(new, site, loss)
-        for user in site.logsumexp_users:
-            _replace_logsumexp(new, user, lse, rows)
+        lse_replacements = [(user, _logsumexp_replacement(new, user, lse, rows))
+                            for user in site.logsumexp_users]
 
+    # Everything above only added nodes; from here on the graph changes.
+    for user, value in lse_replacements:
+        user.replace_all_uses_with(value)
+        graph.erase_node(user)
     site.anchor.replace_all_uses_with(replacement)
     _drop_escaping_logits(graph, site)
     anchor_inputs = site.anchor.all_input_nodes
@@ -79,7 +87,7 @@ def _loss_replacement(new: _NodeMaker, site: Site, loss: Node) -> Node:
     return new.method("view_as", new.function(operator.neg, loss), index)
 
 
-def _replace_logsumexp(new: _NodeMaker, user: Node, lse: Node, rows: Node) -> None:
+def _logsumexp_replacement(new: _NodeMaker, user: Node, lse: Node, rows: Node) -> Node:
     lead = new.function(operator.getitem, new.method("size", rows), slice(None, -1))
     value = new.method("reshape", lse, lead)
     out_dtype = _dtype(user)
@@ -88,8 +96,7 @@ def _replace_logsumexp(new: _NodeMaker, user: Node, lse: Node, rows: Node) -> No
     keepdim = user.kwargs.get("keepdim", user.args[2] if len(user.args) > 2 else False)
     if keepdim:
         value = new.method("unsqueeze", value, -1)
-    user.replace_all_uses_with(value)
-    new.graph.erase_node(user)
+    return value
 
 
 def _drop_escaping_logits(graph: Graph, site: Site) -> None:
