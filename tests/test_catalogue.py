@@ -90,3 +90,13 @@ def test_form_under_inductor(name):
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_docs_table_is_up_to_date():
+    import pathlib
+    import subprocess
+    import sys
+
+    tool = pathlib.Path(__file__).parent.parent / "tools" / "catalogue_table.py"
+    assert subprocess.run([sys.executable, str(tool), "--check"]).returncode == 0, \
+        "docs/catalogue.md is stale: run python tools/catalogue_table.py"
