@@ -13,8 +13,8 @@ import contextlib
 
 import pytest
 import torch
-
 from catalogue import FORMS, Form
+
 from cce_inductor.backend import make_backend
 from cce_inductor.functional import fused_linear_cross_entropy
 

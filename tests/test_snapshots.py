@@ -11,10 +11,10 @@ from __future__ import annotations
 import expecttest
 import torch
 import torch._dynamo.testing
-
 from catalogue import FORMS_BY_NAME
-from cce_inductor.backend import make_backend, rewrite_graph
 from graph_snapshot import render
+
+from cce_inductor.backend import make_backend, rewrite_graph
 
 
 def snapshot(name: str) -> tuple[str, str]:
