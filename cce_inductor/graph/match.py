@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, Node
 
+from .distributed import classifier_skip_reason
+
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
 MATMUL_TARGETS = (operator.matmul, torch.matmul)
 CROSS_ENTROPY_TARGETS = (F.cross_entropy,)
@@ -143,6 +145,9 @@ def _match(site: Site) -> None:
     else:
         logits = _bind_gather(site, anchor)
     _walk_to_linear(site, logits)
+    reason = classifier_skip_reason(site)
+    if reason:
+        raise _Skip(reason)
 
 
 def _bind_loss_args(site: Site, node: Node, allow_smoothing: bool) -> Node:

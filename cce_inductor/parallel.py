@@ -1,0 +1,249 @@
+"""Vocabulary-parallel linear-cross-entropy: the classifier's rows split over ranks.
+
+Every rank of ``group`` holds the same hidden states ``e`` (N, D) and targets,
+and its own slice ``c_shard`` = rows ``[vocab_start, vocab_start + V_local)``
+of the (V, D) classifier (shards may differ in size).  The loss is that of
+``F.cross_entropy(e @ c.T, targets)`` over the whole vocabulary; no rank ever
+holds more than a block of rows of its own N x V_local logits.
+
+Forward, per row ``i`` (``z`` the logits after bias, scale and softcap)::
+
+    m_r   = max_j z_ij                   over the rank's own classes
+    s_r   = sum_j exp(z_ij - m_r)
+    t_r   = z_iy if the rank owns y else 0
+    M     = all_reduce_max(m_r)
+    lse   = M + log(all_reduce_sum(s_r * exp(m_r - M)))
+    loss  = lse - all_reduce_sum(t_r)
+
+Backward: each rank recomputes its logits block by block and forms its own
+slice of ``softmax(z) - onehot(y)``, which gives its dC and d(bias) slices
+without communication; dE is the sum of every rank's ``dz @ c_shard`` and
+takes one all-reduce.
+
+Collectives come from ``torch.distributed._functional_collectives``, which
+run eagerly and are also understood by torch.compile.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import Tensor
+
+from .kernels import chunked
+from .op import REDUCTIONS, check_inputs
+
+
+def vocab_parallel_linear_cross_entropy(
+    e: Tensor,
+    c_shard: Tensor,
+    targets: Tensor,
+    *,
+    vocab_start: int,
+    group: dist.ProcessGroup | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    bias_shard: Tensor | None = None,
+    label_smoothing: float = 0.0,
+    weight: Tensor | None = None,
+) -> Tensor:
+    """Cross-entropy over a classifier split by rows across the ranks of ``group``.
+
+    Computes, on every rank, the same value as::
+
+        z = (e @ c.T + bias) * logit_scale
+        if softcap: z = softcap * tanh(z / softcap)
+        F.cross_entropy(z, targets, ignore_index=ignore_index, reduction=reduction)
+
+    where ``c`` (V, D) and ``bias`` (V,) are the concatenation of every rank's
+    ``c_shard`` and ``bias_shard`` in ``vocab_start`` order.  Logits are never
+    gathered: three small (N,)-sized all-reduces in the forward and one
+    all-reduce of dE (N, D) in the backward.
+
+    Args:
+        e: hidden states, shape (..., D), identical on every rank.
+        c_shard: this rank's rows of the classifier, shape (V_local, D), e's dtype.
+            V_local may differ between ranks and may be zero.
+        targets: global class indices, shape e.shape[:-1], identical on every rank.
+        vocab_start: global index of ``c_shard``'s first row.
+        group: the process group the vocabulary is split over (default: world).
+        ignore_index: target value whose rows contribute nothing.
+        reduction: ``"mean"`` (over rows not ignored; NaN when all are),
+            ``"sum"`` or ``"none"`` (shape of ``targets``, zeros at ignored rows).
+        softcap: positive cap for ``softcap * tanh(z / softcap)``, or None.
+        logit_scale: constant the logits are multiplied by (before softcap).
+        bias_shard: optional (V_local,) slice of the classifier bias.
+        label_smoothing: not supported; a nonzero value raises NotImplementedError.
+        weight: class weights are not supported; raises NotImplementedError.
+
+    Returns:
+        The loss in e's dtype (computed in float32), the same on every rank.
+        Gradients flow to e (already summed over ranks: every rank receives the
+        full dE), to ``c_shard`` and to ``bias_shard`` (this rank's slices).
+
+    Target values outside the global vocabulary, other than ``ignore_index``,
+    raise ``ValueError`` on the CPU and trip a device-side assertion elsewhere.
+    """
+    if label_smoothing:
+        raise NotImplementedError(
+            "label_smoothing is not supported by vocab_parallel_linear_cross_entropy")
+    if weight is not None:
+        raise NotImplementedError(
+            "weight (class weights) is not supported by vocab_parallel_linear_cross_entropy")
+    if e.dim() < 1:
+        raise ValueError("e must have at least one dimension (..., D)")
+    if targets.shape != e.shape[:-1]:
+        raise ValueError(f"targets must have e's leading shape {tuple(e.shape[:-1])}, "
+                         f"got {tuple(targets.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(vocab_start, int) or vocab_start < 0:
+        raise ValueError(f"vocab_start must be a non-negative int, got {vocab_start!r}")
+    e2 = e.reshape(-1, e.shape[-1])
+    t1 = targets.reshape(-1)
+    softcap = None if softcap is None else float(softcap)
+    check_inputs(e2, c_shard, t1, bias_shard, None, reduction, 0.0, softcap,
+                 float(logit_scale))
+    spec = chunked.LossSpec(int(ignore_index), reduction, 0.0, softcap, float(logit_scale))
+    group = dist.group.WORLD if group is None else group
+    loss = _VocabParallelCrossEntropy.apply(e2, c_shard, t1, bias_shard, vocab_start,
+                                            group, spec)
+    loss = loss.to(e.dtype)
+    return loss.view(targets.shape) if reduction == "none" else loss
+
+
+class _Shard:
+    """This rank's float32 operands and reusable logits buffers."""
+
+    def __init__(self, e: Tensor, c: Tensor, bias: Tensor | None, targets: Tensor,
+                 vocab_start: int, spec: chunked.LossSpec) -> None:
+        self.spec = spec
+        self.e, self.c = e.float(), c.float()
+        self.bias = None if bias is None else bias.float()
+        self.vocab = c.shape[0]
+        self.valid = targets != spec.ignore_index
+        local = targets.long() - vocab_start
+        self.owned = self.valid & (local >= 0) & (local < self.vocab)
+        self.local_targets = torch.where(self.owned, local, 0)
+        self.step = chunked.rows_per_chunk(e.shape[0], self.vocab)
+        self._z = e.new_empty(self.step, self.vocab, dtype=torch.float32)
+        self._tanh = None if spec.softcap is None else torch.empty_like(self._z)
+
+    def blocks(self):
+        rows = self.e.shape[0]
+        for start in range(0, rows, self.step):
+            yield slice(start, min(start + self.step, rows))
+
+    def logits(self, rows: slice) -> tuple[Tensor, Tensor | None]:
+        """z for ``rows`` and, under softcap, tanh(u / softcap); both in reused buffers."""
+        z = self._z[: rows.stop - rows.start]
+        torch.mm(self.e[rows], self.c.T, out=z)
+        if self.bias is not None:
+            z += self.bias
+        if self.spec.logit_scale != 1.0:
+            z *= self.spec.logit_scale
+        if self.spec.softcap is None:
+            return z, None
+        tanh_u = self._tanh[: z.shape[0]]
+        torch.tanh(z.div_(self.spec.softcap), out=tanh_u)
+        return torch.mul(tanh_u, self.spec.softcap, out=z), tanh_u
+
+
+def _all_reduce(t: Tensor, op: str, group: dist.ProcessGroup) -> Tensor:
+    return funcol.wait_tensor(funcol.all_reduce(t, op, group))
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
+                vocab_start: int, group: dist.ProcessGroup,
+                spec: chunked.LossSpec) -> Tensor:
+        shard = _Shard(e, c, bias, targets, vocab_start, spec)
+        rows = e.shape[0]
+        local_max = e.new_full((rows,), float("-inf"), dtype=torch.float32)
+        local_sum = e.new_zeros(rows, dtype=torch.float32)
+        target_logit = e.new_zeros(rows, dtype=torch.float32)
+        if shard.vocab > 0:
+            for block in shard.blocks():
+                z, _ = shard.logits(block)
+                picked = z.gather(1, shard.local_targets[block, None]).squeeze(1)
+                target_logit[block] = torch.where(shard.owned[block], picked, 0.0)
+                block_max = local_max[block] = z.amax(1)
+                local_sum[block] = z.sub_(block_max[:, None]).exp_().sum(1)
+
+        global_max = _all_reduce(local_max, "max", group)
+        # The sum of exponentials, the target logit and how many ranks own each
+        # target all add up over ranks: one all-reduce carries the three.
+        stacked = torch.stack([local_sum * (local_max - global_max).exp(), target_logit,
+                               shard.owned.float()])
+        summed = _all_reduce(stacked, "sum", group)
+        lse = global_max + summed[0].log()
+        _check_ownership(shard.valid, summed[2], targets, spec.ignore_index)
+
+        row_loss = torch.where(shard.valid, lse - summed[1], 0.0)
+        if spec.reduction == "none":
+            loss = row_loss
+        elif spec.reduction == "sum":
+            loss = row_loss.sum()
+        else:
+            loss = row_loss.sum() / shard.valid.sum()
+        ctx.save_for_backward(e, c, targets, bias, lse)
+        ctx.vocab_start, ctx.group, ctx.spec = vocab_start, group, spec
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        e, c, targets, bias, lse = ctx.saved_tensors
+        spec = ctx.spec
+        shard = _Shard(e, c, bias, targets, ctx.vocab_start, spec)
+        need_e, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_bias = bias is not None and ctx.needs_input_grad[3]
+
+        grad_row = grad_loss.float()
+        if spec.reduction == "mean":
+            grad_row = grad_row / shard.valid.sum()
+        grad_row = torch.where(shard.valid, grad_row.expand(shard.valid.shape), 0.0)
+
+        # dE is needed on every rank even when this one holds no classes,
+        # since every rank takes part in its all-reduce.
+        grad_e = torch.zeros_like(shard.e) if need_e else None
+        grad_c = torch.zeros_like(shard.c) if need_c else None
+        grad_bias = torch.zeros_like(shard.bias) if need_bias else None
+        if shard.vocab > 0:
+            for block in shard.blocks():
+                z, tanh_u = shard.logits(block)
+                g = z.sub_(lse[block, None]).exp_().mul_(grad_row[block, None])
+                onehot = torch.where(shard.owned[block], grad_row[block], 0.0)
+                g.scatter_add_(1, shard.local_targets[block, None], -onehot[:, None])
+                if tanh_u is not None:
+                    g.mul_(tanh_u.square_().neg_().add_(1.0))
+                if spec.logit_scale != 1.0:
+                    g.mul_(spec.logit_scale)
+                if grad_e is not None:
+                    torch.mm(g, shard.c, out=grad_e[block])
+                if grad_c is not None:
+                    grad_c.addmm_(g.T, shard.e[block])
+                if grad_bias is not None:
+                    grad_bias += g.sum(0)
+        if grad_e is not None:
+            grad_e = _all_reduce(grad_e, "sum", ctx.group).to(e.dtype)
+        return (grad_e, None if grad_c is None else grad_c.to(c.dtype), None,
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
+
+
+def _check_ownership(valid: Tensor, owners: Tensor, targets: Tensor,
+                     ignore_index: int) -> None:
+    """Every target that is not ignored must fall in exactly one rank's shard."""
+    bad = valid & (owners != 1)
+    if targets.device.type == "cpu":
+        if bad.any():
+            first = targets[bad][0].item()
+            raise ValueError(
+                f"target {first} is in no rank's vocabulary shard (or in several): "
+                f"targets must be in [0, V) or equal ignore_index ({ignore_index}), and "
+                "the shards' [vocab_start, vocab_start + V_local) ranges must tile [0, V)")
+    else:
+        torch._assert_async(~bad.any(), "cce: a target is in no rank's vocabulary shard")
