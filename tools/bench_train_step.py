@@ -1,0 +1,185 @@
+"""Training-step peak memory and time of whole models, one process per method.
+
+    python tools/bench_train_step.py                      # the table for docs/benchmarks.md
+    python tools/bench_train_step.py --plot docs/e2e_memory.png --tokens 512,1024,2048
+
+Models: examples/gpt.py's GPT and a 2-layer Hugging Face Llama (when
+``transformers`` is installed), both at V=128256.  Methods: eager,
+torch.compile, torch.compile with ``auto_chunker.enable``, backend="cce", and
+for Hugging Face also backend="cce" with ``drop_escaping_logits``.  The floor is
+our GPT with a 1-token vocabulary under backend="cce".  Each process runs a
+warm-up step (compiling), then times ``--steps`` steps (forward, backward,
+AdamW) and reports its peak RSS (CPU) or peak allocated memory (CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+METHODS = ["eager", "compile", "auto_chunker", "cce", "cce_drop_logits"]
+
+
+def build(model_name: str, vocab: int, seq: int):
+    """A model whose ``step(idx, labels)`` returns the loss of one training step."""
+    import torch
+
+    torch.manual_seed(0)
+    if model_name == "gpt":
+        sys.path.insert(0, str(ROOT / "examples"))
+        from gpt import GPT, GPTConfig
+
+        model = GPT(GPTConfig(vocab_size=vocab, block_size=seq, n_layer=2, n_head=4,
+                              d_model=256))
+        return model, lambda m, idx: m(idx, idx)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=seq)
+    model = LlamaForCausalLM(cfg)
+    return model, lambda m, idx: m(input_ids=idx, labels=idx).loss
+
+
+def worker(model_name: str, method: str, vocab: int, tokens: int, seq: int, steps: int,
+           device: str) -> dict:
+    import torch
+
+    import cce_inductor
+
+    torch.set_num_threads(2)
+    model, loss_of = build(model_name, vocab, seq)
+    model.to(device)
+    if method == "cce_drop_logits":
+        cce_inductor.config.drop_escaping_logits = True
+    if method == "compile":
+        model_c = torch.compile(model)
+    elif method == "auto_chunker":
+        model_c = torch.compile(model, options={"auto_chunker.enable": True})
+    elif method.startswith("cce"):
+        model_c = torch.compile(model, backend=cce_inductor.cce_backend)
+    else:
+        model_c = model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, vocab, (max(1, tokens // seq), seq), generator=gen).to(device)
+    times = []
+    for step in range(steps + 1):
+        start = time.perf_counter()
+        loss = loss_of(model_c, idx)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if step:
+            times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"peak_mib": peak / 2**20, "seconds": statistics.median(times),
+            "loss": float(loss)}
+
+
+def run(model_name, method, vocab, tokens, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", f"{model_name}:{method}:{vocab}:{tokens}",
+           "--seq", str(args.seq), "--steps", str(args.steps), "--device", args.device]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:120]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--tokens", default="1024", help="tokens per batch, comma-separated")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--models", default="gpt,llama")
+    parser.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    parser.add_argument("--plot", help="write a memory-vs-tokens plot (GPT) to this PNG")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        model_name, method, vocab, tokens = args.worker.split(":")
+        print(json.dumps(worker(model_name, method, int(vocab), int(tokens), args.seq,
+                                args.steps, args.device)))
+        return
+
+    token_counts = [int(t) for t in args.tokens.split(",")]
+    results: dict[tuple, dict] = {}
+    for tokens in token_counts:
+        results[("gpt", "floor", tokens)] = run("gpt", "cce", 1, tokens, args)
+        for model_name in args.models.split(","):
+            for method in METHODS:
+                if method == "cce_drop_logits" and model_name == "gpt":
+                    continue  # our GPT returns only the loss
+                results[(model_name, method, tokens)] = run(model_name, method, args.vocab,
+                                                            tokens, args)
+                print(model_name, method, tokens, results[(model_name, method, tokens)],
+                      file=sys.stderr)
+    _print_table(results, token_counts[-1], args)
+    if args.plot:
+        _plot(results, token_counts, args.plot)
+
+
+def _print_table(results, tokens, args) -> None:
+    print(f"\nV={args.vocab}, {tokens} tokens per step, device={args.device}, median of "
+          f"{args.steps} steps after a warm-up\n")
+    print("| model | method | peak memory (MiB) | x floor (GPT) | step (s) | x torch.compile |")
+    print("|---|---|---|---|---|---|")
+    floor = results[("gpt", "floor", tokens)].get("peak_mib")
+    for (model_name, method, t), r in results.items():
+        if t != tokens:
+            continue
+        if "error" in r:
+            print(f"| {model_name} | {method} | failed: {r['error']} | | | |")
+            continue
+        base = results.get((model_name, "compile", tokens), {}).get("seconds")
+        ratio = f"{r['peak_mib'] / floor:.2f}" if floor and model_name == "gpt" else ""
+        speed = f"{r['seconds'] / base:.2f}" if base else ""
+        print(f"| {model_name} | {method} | {r['peak_mib']:.0f} | {ratio} | "
+              f"{r['seconds']:.2f} | {speed} |")
+
+
+def _plot(results, token_counts, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in ["floor", "eager", "compile", "auto_chunker", "cce"]:
+        points = [(t, results[("gpt", method, t)].get("peak_mib")) for t in token_counts
+                  if ("gpt", method, t) in results]
+        points = [(t, m) for t, m in points if m is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=method)
+    ax.set_xlabel("tokens per batch")
+    ax.set_ylabel("peak memory (MiB)")
+    ax.set_title("GPT (V=128256) training step: peak memory")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "0")
+    main()
