@@ -26,10 +26,10 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def worker(arm: str) -> dict:
     sys.path.insert(0, str(ROOT / "examples"))
     import torch
+    from gpt import GPT, GPTConfig
 
     import cce_inductor
     from cce_inductor import backend as backend_module
-    from gpt import GPT, GPTConfig
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
