@@ -22,7 +22,7 @@ class GPTConfig:
     block_size: int = 128
     n_layer: int = 2
     n_head: int = 4
-    d_model: int = 192
+    d_model: int = 128
 
 
 class CausalSelfAttention(nn.Module):

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -46,11 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--steps", type=int, default=25, help="optimizer steps per run")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
     p.add_argument("--batch", type=int, default=8, help="sequences per batch")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     p.add_argument("--layers", type=int, default=2, help="transformer blocks")
-    p.add_argument("--d-model", type=int, default=192, help="model width")
+    p.add_argument("--d-model", type=int, default=128, help="model width")
     p.add_argument("--heads", type=int, default=4, help="attention heads")
     p.add_argument("--vocab", type=int, default=32768, help="BPE vocabulary size")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
@@ -97,19 +96,24 @@ FALLBACK_NOTICE = (
 # --------------------------------------------------------------------------- one run
 
 
-def _read_status_kib(field: str) -> int | None:
+def _rss_bytes(field: str) -> int | None:
+    """``VmRSS`` or ``VmHWM`` of this process from /proc (Linux), in bytes.
+
+    VmHWM rather than ru_maxrss after a reset: ru_maxrss also keeps the peak
+    of any thread that has exited since.
+    """
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith(field + ":"):
-                    return int(line.split()[1])
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
 
 
 def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux only), so compile memory is not counted."""
+    """Reset the kernel's peak-RSS mark (Linux only), so one step's peak can be read."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -119,6 +123,8 @@ def _reset_peak_rss() -> bool:
 
 
 def _maxrss_bytes() -> int:
+    import resource  # Unix only
+
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
 
@@ -127,9 +133,10 @@ def train_one_arm(args: argparse.Namespace, arm: str) -> dict:
     """Train the model for ``args.steps`` steps under one backend.
 
     Returns a JSON-able dict: per-step losses and seconds, tokens per second
-    of the median step among 2..N, and peak memory in bytes over the whole
-    run (``peak_all``) and over steps 2..N only (``peak_steps``, None when the
-    platform cannot measure it).
+    of the median step among 2..N, and memory in bytes: the peak over the
+    whole run (``peak_all``), the peak over steps 2..N (``peak_steps``) and the
+    most that one of those steps adds to the memory it starts with
+    (``transient``); the last two are None where they cannot be measured.
     """
     device = resolve_device(args.device)
     if arm == "cce":
@@ -156,17 +163,18 @@ def train_one_arm(args: argparse.Namespace, arm: str) -> dict:
 
     losses: list[float] = []
     step_seconds: list[float] = []
+    peak_steps: int | None = None  # highest peak of steps 2..N
+    transient: int | None = None  # most memory one step adds on top of what it starts with
     bar = tqdm(batches, desc=f"{arm:>7}", unit="step", file=sys.stderr, leave=True,
                disable=args.no_progress, dynamic_ncols=True)
     for i, (x, y) in enumerate(bar):
-        if i == 1:
-            # Step 0 compiled; memory is measured from here on as well.
+        before = None
+        if i >= 1:  # step 0 compiles: its memory counts only in the whole-run peak
             if cuda:
-                peak_all_first = torch.cuda.max_memory_allocated(device)
+                before = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            else:
-                peak_all_first = _maxrss_bytes()
-                can_reset = _reset_peak_rss()
+            elif _reset_peak_rss():
+                before = _rss_bytes("VmRSS")
         t0 = time.perf_counter()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss = compiled(x, y)
@@ -175,17 +183,16 @@ def train_one_arm(args: argparse.Namespace, arm: str) -> dict:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())  # .item() synchronizes, so the step time is complete
         step_seconds.append(time.perf_counter() - t0)
+        if i == 0:
+            peak_all = torch.cuda.max_memory_allocated(device) if cuda else _maxrss_bytes()
+        elif before is not None:
+            peak = torch.cuda.max_memory_allocated(device) if cuda else _rss_bytes("VmHWM")
+            if peak is not None:
+                peak_steps = max(peak_steps or 0, peak)
+                transient = max(transient or 0, peak - before)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     bar.close()
-
-    if cuda:
-        peak_steps = torch.cuda.max_memory_allocated(device)
-        peak_all = max(peak_all_first, peak_steps)
-    else:
-        # VmHWM, not ru_maxrss: the latter also keeps the peak of any thread that exited.
-        hwm = _read_status_kib("VmHWM") if can_reset else None
-        peak_steps = hwm * 1024 if hwm is not None else None
-        peak_all = max(peak_all_first, _maxrss_bytes())
+    peak_all = max(peak_all, peak_steps or 0, 0 if cuda else _maxrss_bytes())
 
     # The median resists the stalls that other work on a shared machine causes.
     median_step = statistics.median(step_seconds[1:])
@@ -196,9 +203,8 @@ def train_one_arm(args: argparse.Namespace, arm: str) -> dict:
         "tokens_per_s": args.batch * args.seq / median_step,
         "peak_all": peak_all,
         "peak_steps": peak_steps,
+        "transient": transient,
         "vocab": vocab,
-        "params": sum(p.numel() for p in model.parameters()),
-        "rewrite": arm == "cce" and backend != "inductor",
     }
 
 
@@ -264,6 +270,8 @@ def print_report(args: argparse.Namespace, results: dict[str, dict], rewrite: bo
          removed("peak_all")),
         (f"{peak_label}, steps 2..{args.steps}", _fmt_mib(a["peak_steps"]),
          _fmt_mib(b["peak_steps"]), removed("peak_steps")),
+        (f"most one step adds, steps 2..{args.steps}", _fmt_mib(a["transient"]),
+         _fmt_mib(b["transient"]), removed("transient")),
         (f"tokens/s, median of steps 2..{args.steps}", f"{a['tokens_per_s']:,.0f}",
          f"{b['tokens_per_s']:,.0f}", f"x{b['tokens_per_s'] / a['tokens_per_s']:.2f}"),
     ]
@@ -272,8 +280,8 @@ def print_report(args: argparse.Namespace, results: dict[str, dict], rewrite: bo
     print(f"{'':<{w0}}  {'compile':>12}  {'cce':>12}  {'removed':>12}")
     for r in rows:
         print(f"{r[0]:<{w0}}  {r[1]:>12}  {r[2]:>12}  {r[3]:>12}")
-    print(f"logits N x V x 4 bytes = {n_rows} x {a['vocab']} x 4 = {_fmt_mib(logits)} "
-          "(one copy; the backward holds about as much again for their gradient)")
+    print(f"for scale, the logits N x V x 4 bytes = {n_rows} x {a['vocab']} x 4 "
+          f"= {_fmt_mib(logits)}")
     print(f"max relative loss difference: {max_rel:.2e} (tolerance {args.tol:.0e})")
     if not rewrite:
         print(FALLBACK_NOTICE)

@@ -63,6 +63,7 @@ def test_train_gpt_two_steps(tmp_path: Path) -> None:
     for _, a, b in rows:
         assert float(b) == pytest.approx(float(a), rel=1e-4)
     assert "peak RSS, whole run" in out
+    assert "most one step adds" in out
     assert "tokens/s" in out
     assert "logits N x V x 4 bytes" in out
     assert "OK: the two runs agree" in out
