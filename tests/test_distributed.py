@@ -1,0 +1,328 @@
+"""Two CPU ranks over gloo: DDP, FSDP2 and tensor parallelism with the rewrite,
+and the vocabulary-parallel loss, each against a single-process float64 run.
+
+Each test spawns one pair of processes and runs all its cases there, since
+starting a process (importing torch) costs seconds.  Workers assert on their
+own; a failure in either rank fails the test with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from reference import TOLERANCES, float64_leaf, reference_loss
+
+WORLD = 2
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="torch.distributed with the gloo backend is not available")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, port: int, worker_name: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        globals()[worker_name](rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(worker_name: str) -> None:
+    """Run ``worker_name(rank)`` on two gloo ranks; raise if either fails."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_entry, args=(_free_port(), worker_name), nprocs=WORLD, join=True)
+
+
+class _Rewrites(logging.Handler):
+    """Collects what the graph pass logs about each loss it meets."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+        logger = logging.getLogger("cce_inductor")
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    @property
+    def rewritten(self) -> int:
+        return sum("rewrote" in m for m in self.messages)
+
+
+# --- vocabulary parallel -------------------------------------------------------
+
+VP_CASES = {
+    "even_plain": {"splits": (18, 18)},
+    "uneven_bias_ignored": {"splits": (20, 17), "bias": True, "ignored": 0.3},
+    "uneven_softcap_scale_sum": {"splits": (20, 17), "softcap": 2.5, "logit_scale": 1.7,
+                                 "reduction": "sum", "ignored": 0.2},
+    "none_softcap_bias": {"splits": (9, 28), "softcap": 1.5, "bias": True,
+                          "reduction": "none", "ignored": 0.25},
+    "ignore_index_3": {"splits": (20, 17), "ignore_index": 3, "ignored": 0.3},
+    "empty_shard": {"splits": (11, 0), "bias": True},
+    "many_blocks": {"splits": (20, 17), "softcap": 3.0, "bias": True, "block_rows": 4},
+    "three_dim_e": {"splits": (20, 17), "lead": (3, 5), "ignored": 0.2},
+    "bfloat16": {"splits": (20, 17), "dtype": torch.bfloat16, "bias": True},
+}
+
+
+def _vp_case(rank: int, name: str, splits: tuple[int, ...], *, dtype=torch.float32,
+             bias=False, ignored=0.0, lead=(13,), d=8, block_rows=None, **options):
+    from cce_inductor.kernels import chunked
+    from cce_inductor.parallel import vocab_parallel_linear_cross_entropy
+
+    vocab = sum(splits)
+    gen = torch.Generator().manual_seed(len(name))  # the same inputs on both ranks
+    e = torch.randn(*lead, d, generator=gen).to(dtype).requires_grad_()
+    c = (torch.randn(vocab, d, generator=gen) * d**-0.5).to(dtype)
+    b = torch.randn(vocab, generator=gen).to(dtype) if bias else None
+    targets = torch.randint(0, vocab, lead, generator=gen)
+    drop = torch.rand(lead, generator=gen) < ignored
+    targets = torch.where(drop, options.get("ignore_index", -100), targets)
+    start = sum(splits[:rank])
+    rows = slice(start, start + splits[rank])
+    c_shard = c[rows].clone().requires_grad_()
+    b_shard = None if b is None else b[rows].clone().requires_grad_()
+
+    saved_budget = chunked.LOGITS_BYTES_PER_CHUNK
+    if block_rows is not None:
+        chunked.LOGITS_BYTES_PER_CHUNK = 4 * max(splits[rank], 1) * block_rows
+    try:
+        loss = vocab_parallel_linear_cross_entropy(e, c_shard, targets, vocab_start=start,
+                                                   bias_shard=b_shard, **options)
+    finally:
+        chunked.LOGITS_BYTES_PER_CHUNK = saved_budget
+
+    e64, c64 = float64_leaf(e), c.double().requires_grad_()
+    b64 = None if b is None else b.double().requires_grad_()
+    ref = reference_loss(e64, c64, targets, bias=b64, **options)
+    rtol, atol = TOLERANCES[dtype]
+    assert loss.dtype == dtype and loss.shape == ref.shape, name
+    torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=atol, msg=name)
+
+    upstream = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    wrt = [e, c_shard] + ([b_shard] if bias else [])
+    grads = torch.autograd.grad((loss.double() * upstream).sum(), wrt)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(),
+                                    [e64, c64] + ([b64] if bias else []))
+    # dE is the full gradient on every rank; dC and d(bias) are this rank's rows.
+    expected = [ref_grads[0]] + [g[rows] for g in ref_grads[1:]]
+    for what, ours, want in zip(("dE", "dC", "dbias"), grads, expected):
+        assert ours.dtype == dtype, (name, what)
+        scale = want.abs().max().clamp_min(1e-30) if want.numel() else 1.0
+        torch.testing.assert_close(ours.double(), want, rtol=rtol, atol=atol * scale,
+                                   msg=f"{name}: {what}")
+
+
+def _vocab_parallel_worker(rank: int) -> None:
+    from cce_inductor.parallel import vocab_parallel_linear_cross_entropy
+
+    for name, case in VP_CASES.items():
+        _vp_case(rank, name, **case)
+
+    e = torch.randn(6, 4, requires_grad=True)
+    c_shard = torch.randn(5, 4, requires_grad=True)
+
+    # Every row ignored: NaN mean, zero gradients, as F.cross_entropy.
+    targets = torch.full((6,), -100)
+    loss = vocab_parallel_linear_cross_entropy(e, c_shard, targets, vocab_start=5 * rank)
+    assert loss.isnan()
+    total = vocab_parallel_linear_cross_entropy(e, c_shard, targets, vocab_start=5 * rank,
+                                                reduction="sum")
+    assert total.item() == 0.0
+    total.backward()
+    assert torch.equal(e.grad, torch.zeros_like(e))
+    assert torch.equal(c_shard.grad, torch.zeros_like(c_shard))
+
+    # A target beyond the last shard is refused on every rank alike.
+    with pytest.raises(ValueError, match="no rank's vocabulary shard"):
+        vocab_parallel_linear_cross_entropy(e, c_shard, torch.full((6,), 10),
+                                            vocab_start=5 * rank)
+    for argument, value in (("label_smoothing", 0.1), ("weight", torch.ones(10))):
+        with pytest.raises(NotImplementedError, match=argument):
+            vocab_parallel_linear_cross_entropy(e, c_shard, targets, vocab_start=5 * rank,
+                                                **{argument: value})
+
+
+def test_vocab_parallel_matches_float64_reference():
+    """Loss, dE, each rank's dC and d(bias) slices; uneven and empty shards,
+    ignored rows, softcap, scale, every reduction, several row blocks, bf16."""
+    spawn("_vocab_parallel_worker")
+
+
+# --- data parallel ---------------------------------------------------------------
+
+V, D = 37, 16
+BATCH, SEQ = 4, 6  # the whole batch; each rank takes BATCH // WORLD sequences
+
+
+class TinyLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.hidden = nn.Linear(D, D)
+        self.head = nn.Linear(D, V, bias=False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = self.head(torch.tanh(self.hidden(self.embed(x))))
+        return F.cross_entropy(logits.view(-1, V), y.view(-1))
+
+
+def _model_and_batch() -> tuple[TinyLM, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = TinyLM()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, V, (BATCH, SEQ), generator=gen)
+    y = torch.randint(0, V, (BATCH, SEQ), generator=gen)
+    y[:, 0] = -100  # ignored, the same number of rows on every rank
+    return model, x, y
+
+
+def _float64_reference(model: nn.Module, x, y) -> tuple[torch.Tensor, dict]:
+    import copy
+
+    ref = copy.deepcopy(model).double()
+    loss = ref(x, y)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in ref.named_parameters()}
+
+
+def _local_batch(rank: int, x, y):
+    rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    return x[rows], y[rows]
+
+
+def _assert_matches(loss, grads: dict, ref_loss, ref_grads: dict, what: str) -> None:
+    """The mean of the ranks' losses and the reduced gradients against float64."""
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= WORLD
+    torch.testing.assert_close(mean_loss.double(), ref_loss, rtol=1e-5, atol=1e-6,
+                               msg=f"{what}: loss")
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        want = ref_grads[name]
+        torch.testing.assert_close(grad.double(), want, rtol=1e-5,
+                                   atol=1e-6 * want.abs().max().item(),
+                                   msg=f"{what}: grad of {name}")
+
+
+# Inductor on CPU compiles C++ for every graph; the tests after DDP's check the
+# rewrite itself with a cheaper inner compiler.
+FAST_BACKEND = "aot_eager"
+
+
+def _ddp_worker(rank: int) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    log = _Rewrites()
+    model, x, y = _model_and_batch()
+    ref_loss, ref_grads = _float64_reference(model, x, y)
+    ddp = DDP(model)
+    compiled = torch.compile(ddp, backend="cce")
+    loss = compiled(*_local_batch(rank, x, y))
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    _assert_matches(loss, grads, ref_loss, ref_grads, "DDP")
+    assert log.rewritten == 1, log.messages
+
+
+def test_ddp_compiled_with_cce_matches_single_process():
+    spawn("_ddp_worker")
+
+
+def _fsdp_worker(rank: int) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    from cce_inductor import make_backend
+
+    log = _Rewrites()
+    model, x, y = _model_and_batch()
+    ref_loss, ref_grads = _float64_reference(model, x, y)
+    fully_shard(model.hidden)
+    fully_shard(model)
+    compiled = torch.compile(model, backend=make_backend(FAST_BACKEND))
+    loss = compiled(*_local_batch(rank, x, y))
+    loss.backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    _assert_matches(loss, grads, ref_loss, ref_grads, "FSDP2")
+    assert log.rewritten == 1, log.messages
+
+
+def test_fsdp2_compiled_with_cce_matches_single_process():
+    spawn("_fsdp_worker")
+
+
+# --- tensor parallel: DTensor classifiers are left alone ----------------------------
+
+
+def _tensor_parallel_worker(rank: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        loss_parallel,
+        parallelize_module,
+    )
+
+    from cce_inductor import make_backend
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+
+    # A ColwiseParallel head whose logits stay sharded for loss_parallel().
+    log = _Rewrites()
+    model, x, y = _model_and_batch()
+    ref_loss, ref_grads = _float64_reference(model, x, y)
+    parallelize_module(model, mesh, {
+        "head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)})
+    compiled = torch.compile(model, backend=make_backend(FAST_BACKEND))
+    with loss_parallel():
+        loss = compiled(x, y)  # tensor parallel: both ranks see the whole batch
+        loss.backward()
+    grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+             for n, p in model.named_parameters()}
+    _assert_matches(loss.full_tensor(), grads, ref_loss, ref_grads, "ColwiseParallel")
+    assert log.rewritten == 0 and log.messages, log.messages
+
+    # The linear itself on DTensors: the matcher sees the classifier's placement.
+    log = _Rewrites()
+    gen = torch.Generator().manual_seed(2)
+    h, c = torch.randn(10, D, generator=gen), torch.randn(V, D, generator=gen)
+    targets = torch.randint(0, V, (10,), generator=gen)
+    h_dt = distribute_tensor(h, mesh, [Replicate()])
+    c_dt = distribute_tensor(c, mesh, [Shard(0)])
+
+    def loss_fn(h, c, y):
+        return F.cross_entropy(F.linear(h, c), y)
+
+    with loss_parallel():
+        loss = torch.compile(loss_fn, backend=make_backend(FAST_BACKEND))(h_dt, c_dt,
+                                                                          targets)
+    ref = reference_loss(h.double(), c.double(), targets)
+    torch.testing.assert_close(loss.full_tensor().double(), ref, rtol=1e-5, atol=1e-6)
+    assert log.rewritten == 0, log.messages
+    assert any("DTensor sharded over the vocabulary" in m for m in log.messages), \
+        log.messages
+
+
+def test_tensor_parallel_dtensor_classifier_left_alone():
+    """ColwiseParallel + loss_parallel() compiles and matches; nothing is rewritten."""
+    spawn("_tensor_parallel_worker")
