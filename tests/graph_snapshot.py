@@ -3,7 +3,8 @@
 Dynamo's own printout changes between releases (node names, the order of
 placeholders, keyword arguments spelled out or left at their defaults).  This
 rendering numbers nodes in order, names placeholders after the user's
-variables and drops keyword arguments that equal the callee's defaults.
+variables and drops keyword arguments that equal the callee's defaults and
+trailing ``None`` arguments.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ def render(graph: Graph) -> str:
             continue
         names[node] = f"v{len(lines)}"
         kwargs = _without_defaults(node)
-        parts = [_fmt(a, names) for a in node.args]
+        args = list(node.args)
+        while node.op == "call_function" and args and args[-1] is None:
+            args.pop()  # some versions spell out trailing defaults, e.g. linear's bias
+        parts = [_fmt(a, names) for a in args]
         parts += [f"{k}={_fmt(v, names)}" for k, v in sorted(kwargs.items())]
         if node.op == "call_method":
             head, rest = parts[0], parts[1:]

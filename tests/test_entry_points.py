@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+import torch._dynamo.testing
 import torch.nn.functional as F
 
 import cce_inductor
@@ -164,3 +165,29 @@ def test_explain_reports_source_line_and_memory():
     assert site.rewritten and "test_entry_points.py" in site.source
     assert site.logits_bytes == 3 * 5 * V * 4
     assert "rewritten" in str(report) and "1 rewritten" in str(report)
+
+
+def test_rewrite_under_dynamic_shapes_does_not_recompile(caplog):
+    caplog.set_level(logging.INFO, logger="cce_inductor")
+    counter = torch._dynamo.testing.CompileCounterWithBackend(
+        cce_inductor.make_backend("aot_eager"))
+
+    def shifted(h, w, y):
+        logits = F.linear(h, w)[:, :-1].contiguous()
+        return F.cross_entropy(logits.view(-1, V), y[:, 1:].contiguous().view(-1))
+
+    compiled = torch.compile(shifted, backend=counter, dynamic=True)
+    frames = None
+    for batch, seq in ((2, 5), (3, 7), (4, 4)):
+        gen = torch.Generator().manual_seed(batch)
+        h = torch.randn(batch, seq, D, generator=gen, requires_grad=True)
+        w = torch.randn(V, D, generator=gen, requires_grad=True)
+        y = torch.randint(0, V, (batch, seq), generator=gen)
+        loss = compiled(h, w, y)
+        ref = shifted(h, w, y)
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+        for g, r in zip(torch.autograd.grad(loss, (h, w)), torch.autograd.grad(ref, (h, w))):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+        frames = counter.frame_count if frames is None else frames
+    assert counter.frame_count == frames, "recompiled when the batch shape changed"
+    assert rewrites_logged(caplog) >= 1

@@ -149,7 +149,7 @@ return (v2,)""")
     def test_nn_linear(self):
         before, after = snapshot("nn_linear")
         self.assertExpectedInline(before, """\
-v0 = linear(h, lm_head_weight, None)
+v0 = linear(h, lm_head_weight)
 v1 = v0.view(-1, 37)
 v2 = y.view(-1)
 v3 = cross_entropy(v1, v2)
@@ -213,7 +213,7 @@ return (v5,)""")
     def test_upcast_float(self):
         before, after = snapshot("upcast_float")
         self.assertExpectedInline(before, """\
-v0 = linear(h, lm_head_weight, None)
+v0 = linear(h, lm_head_weight)
 v1 = v0.float()
 v2 = v1.view(-1, 37)
 v3 = y.view(-1)
@@ -243,8 +243,8 @@ return (v2,)""")
     def test_autocast_bf16(self):
         before, after = snapshot("autocast_bf16")
         self.assertExpectedInline(before, """\
-v0 = _enter_autocast('cpu', torch.bfloat16, True, None)
-v1 = linear(h, lm_head_weight, None)
+v0 = _enter_autocast('cpu', torch.bfloat16, True)
+v1 = linear(h, lm_head_weight)
 v2 = _exit_autocast(v0)
 v3 = v1.float()
 v4 = v3.view(-1, 37)
@@ -252,7 +252,7 @@ v5 = y.view(-1)
 v6 = cross_entropy(v4, v5)
 return (v6,)""")
         self.assertExpectedInline(after, """\
-v0 = _enter_autocast('cpu', torch.bfloat16, True, None)
+v0 = _enter_autocast('cpu', torch.bfloat16, True)
 v1 = _exit_autocast(v0)
 v2 = y.view(-1)
 v3 = h.flatten(0, -2)
@@ -303,7 +303,7 @@ return (v4,)""")
     def test_hf_pad_shift(self):
         before, after = snapshot("hf_pad_shift")
         self.assertExpectedInline(before, """\
-v0 = linear(h, lm_head_weight, None)
+v0 = linear(h, lm_head_weight)
 v1 = v0.float()
 v2 = pad(y, (0, 1), 'constant', -100)
 v3 = getitem(v2, (Ellipsis, 1:))
@@ -421,7 +421,7 @@ return (v14,)""")
     def test_cross_entropy_module(self):
         before, after = snapshot("cross_entropy_module")
         self.assertExpectedInline(before, """\
-v0 = linear(h, lm_head_weight, None)
+v0 = linear(h, lm_head_weight)
 v1 = v0.view(-1, 37)
 v2 = y.view(-1)
 v3 = v2.clamp(min=0)
