@@ -9,16 +9,11 @@ float64 is no worse than PyTorch's own bf16 error plus a stated tolerance.
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+pytest.importorskip("triton")  # conftest.py asks for the interpreter without CUDA
 
 from reference import TOLERANCES, float64_leaf, reference_loss  # noqa: E402
 
@@ -26,25 +21,6 @@ from cce_inductor import config, linear_cross_entropy  # noqa: E402
 from cce_inductor.kernels import triton_backward, triton_forward  # noqa: E402
 from cce_inductor.kernels.chunked import LossSpec  # noqa: E402
 from cce_inductor.op import prefers_forward_gradients  # noqa: E402
-
-
-def _decorate_again_for_the_interpreter() -> None:
-    """``triton.jit`` picks compiled or interpreted when it decorates: Triton's
-    own helpers (tl.sum, tl.max, tl.zeros, ...) when Triton is first imported,
-    ours when our modules are.  Where either happened before the interpreter
-    was asked for (another test module imported it first), decorate again."""
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-    if not isinstance(tl.standard.zeros, InterpretedFunction):
-        importlib.reload(tl.standard)
-        importlib.reload(tl)
-    if not triton_forward.INTERPRET:
-        importlib.reload(triton_forward)
-        importlib.reload(triton_backward)
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _decorate_again_for_the_interpreter()
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
