@@ -93,23 +93,24 @@ def check_inputs(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
 
 
 def check_target_values(targets: Tensor, vocab: int, ignore_index: int) -> None:
-    """Check that every target is in [0, V) or ``ignore_index``.
-
-    On the CPU this raises ``ValueError``; elsewhere it is a device-side
-    assertion (no host synchronization), as PyTorch's own cross-entropy does.
-    """
+    """Check that every target is in [0, V) or ``ignore_index``."""
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    refuse_bad_targets(bad, targets, f"targets must be in [0, {vocab}) or equal "
+                                     f"ignore_index ({ignore_index})")
+
+
+def refuse_bad_targets(bad: Tensor, targets: Tensor, requirement: str) -> None:
+    """Fail, stating ``requirement``, if any entry of ``bad`` is set.
+
+    On the CPU this raises ``ValueError`` naming the first bad target;
+    elsewhere it is a device-side assertion (no host synchronization), as
+    PyTorch's own cross-entropy does.
+    """
     if targets.device.type == "cpu":
         if bad.any():
-            first = targets[bad][0].item()
-            raise ValueError(
-                f"targets must be in [0, {vocab}) or equal ignore_index "
-                f"({ignore_index}); found {first}"
-            )
+            raise ValueError(f"{requirement}; found {targets[bad][0].item()}")
     else:
-        torch._assert_async(
-            ~bad.any(), f"cce: targets must be in [0, {vocab}) or ignore_index"
-        )
+        torch._assert_async(~bad.any(), f"cce: {requirement}")
 
 
 def _spec(ignore_index: int, reduction: str, label_smoothing: float,

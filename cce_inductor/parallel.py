@@ -32,7 +32,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
 from .kernels import chunked
-from .op import REDUCTIONS, check_inputs
+from .op import REDUCTIONS, check_inputs, refuse_bad_targets
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -237,13 +237,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 def _check_ownership(valid: Tensor, owners: Tensor, targets: Tensor,
                      ignore_index: int) -> None:
     """Every target that is not ignored must fall in exactly one rank's shard."""
-    bad = valid & (owners != 1)
-    if targets.device.type == "cpu":
-        if bad.any():
-            first = targets[bad][0].item()
-            raise ValueError(
-                f"target {first} is in no rank's vocabulary shard (or in several): "
-                f"targets must be in [0, V) or equal ignore_index ({ignore_index}), and "
-                "the shards' [vocab_start, vocab_start + V_local) ranges must tile [0, V)")
-    else:
-        torch._assert_async(~bad.any(), "cce: a target is in no rank's vocabulary shard")
+    refuse_bad_targets(
+        valid & (owners != 1), targets,
+        f"targets must be in [0, V) or equal ignore_index ({ignore_index}), and the "
+        "shards' [vocab_start, vocab_start + V_local) ranges must tile [0, V): a target "
+        "is in no rank's vocabulary shard (or in several)")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")  # conftest.py asks for the interpreter without CUDA
 
 from reference import TOLERANCES, float64_leaf, reference_loss  # noqa: E402
+from test_op import OPTION_CASES  # noqa: E402
 
 from cce_inductor import config, linear_cross_entropy  # noqa: E402
 from cce_inductor.kernels import triton_backward, triton_forward  # noqa: E402
@@ -27,22 +28,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 # The loss and lse are formed in fp32 from the operands whatever their dtype.
 STAT_TOL = (2e-5, 2e-5)
 
-OPTION_CASES = {
-    "plain": {},
-    "bias": {"bias": True},
-    "weight": {"weight": True},
-    "ignore_index_7": {"ignore_index": 7},
-    "sum": {"reduction": "sum"},
-    "none": {"reduction": "none"},
-    "label_smoothing": {"label_smoothing": 0.2},
-    "softcap": {"softcap": 2.5},
-    "logit_scale": {"logit_scale": 0.37},
-    "all_mean": {"bias": True, "weight": True, "label_smoothing": 0.1, "softcap": 4.0,
-                 "logit_scale": 1.7},
-    "all_none": {"bias": True, "weight": True, "label_smoothing": 0.3, "softcap": 1.5,
-                 "logit_scale": 0.5, "reduction": "none"},
-    "all_sum_smoothing_1": {"weight": True, "label_smoothing": 1.0, "reduction": "sum"},
-}
 
 
 @pytest.fixture(autouse=True)

@@ -46,6 +46,53 @@ class LossSpec:
     logit_scale: float
 
 
+@dataclass
+class RowTerms:
+    """Per-row constants of the loss (shared by every implementation)."""
+
+    valid: Tensor          # bool (N,): target != ignore_index
+    targets: Tensor        # int64 (N,): the target, 0 where ignored
+    target_weight: Tensor  # float32 (N,): w_y, 0 where ignored
+    weight_total: Tensor | float  # W = sum(w)
+
+    def mean_denominator(self) -> Tensor:
+        """The mean's divisor: the sum of w_y over the rows that are not ignored."""
+        return self.target_weight.sum()
+
+
+def row_terms(targets: Tensor, weight: Tensor | None, spec: LossSpec, vocab: int) -> RowTerms:
+    """Validity, safe targets and target weights of every row."""
+    valid = targets != spec.ignore_index
+    safe = torch.where(valid, targets, 0).long()
+    if weight is None:
+        return RowTerms(valid, safe, valid.float(), float(vocab))
+    w = weight.float()
+    return RowTerms(valid, safe, torch.where(valid, w[safe], 0.0), w.sum())
+
+
+def row_loss(terms: RowTerms, spec: LossSpec, vocab: int, lse: Tensor,
+             target_logit: Tensor, weighted_sum: Tensor | None) -> Tensor:
+    """Unreduced float32 loss of the rows ``terms`` describe, zero where ignored.
+
+    ``weighted_sum`` is ``sum_j w_j z_ij``, needed under label smoothing only.
+    """
+    s = spec.label_smoothing
+    loss = (1 - s) * terms.target_weight * (lse - target_logit)
+    if weighted_sum is not None:
+        smooth = (s / vocab) * (terms.weight_total * lse - weighted_sum)
+        loss = torch.where(terms.valid, loss + smooth, 0.0)
+    return loss
+
+
+def reduce_rows(loss: Tensor, terms: RowTerms, reduction: str) -> Tensor:
+    """``F.cross_entropy``'s reduction of per-row losses (NaN mean if all ignored)."""
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / terms.mean_denominator()
+
+
 def rows_per_chunk(num_rows: int, vocab: int) -> int:
     """How many rows of float32 logits fit in ``LOGITS_BYTES_PER_CHUNK`` (at least 1)."""
     return max(1, min(num_rows, LOGITS_BYTES_PER_CHUNK // (4 * max(vocab, 1))))
@@ -62,13 +109,7 @@ class _Problem:
         self.bias = None if bias is None else bias.float()
         self.vocab = c.shape[0]
         self.weight = None if weight is None else weight.float()
-        self.weight_total = float(self.vocab) if weight is None else self.weight.sum()
-        self.valid = targets != spec.ignore_index
-        self.safe_targets = torch.where(self.valid, targets, 0).long()
-        if weight is None:
-            self.target_weight = self.valid.float()
-        else:
-            self.target_weight = torch.where(self.valid, self.weight[self.safe_targets], 0.0)
+        self.terms = row_terms(targets, weight, spec, self.vocab)
         self.step = rows_per_chunk(e.shape[0], self.vocab)
         self._logits = e.new_empty(self.step, self.vocab, dtype=torch.float32)
         self._tanh = None if spec.softcap is None else torch.empty_like(self._logits)
@@ -78,8 +119,11 @@ class _Problem:
         for start in range(0, num_rows, self.step):
             yield slice(start, min(start + self.step, num_rows))
 
-    def mean_denominator(self) -> Tensor:
-        return self.target_weight.sum()
+    def row_slice(self, rows: slice) -> RowTerms:
+        """The per-row terms of ``rows``."""
+        t = self.terms
+        return RowTerms(t.valid[rows], t.targets[rows], t.target_weight[rows],
+                        t.weight_total)
 
     def row_grad(self, grad_loss: Tensor | None) -> Tensor | None:
         """Upstream gradient of every row's loss, zero at ignored rows."""
@@ -87,8 +131,8 @@ class _Problem:
             return None
         g = grad_loss.float()
         if self.spec.reduction == "mean":
-            g = g / self.mean_denominator()
-        return torch.where(self.valid, g.expand(self.valid.shape), 0.0)
+            g = g / self.terms.mean_denominator()
+        return torch.where(self.terms.valid, g.expand(self.terms.valid.shape), 0.0)
 
     def logits(self, rows: slice) -> tuple[Tensor, Tensor | None]:
         """Float32 logits z of ``rows`` and, under softcap, ``tanh(u / softcap)``.
@@ -110,20 +154,10 @@ class _Problem:
 
     def loss_terms(self, rows: slice, z: Tensor) -> tuple[Tensor, Tensor | None]:
         """The target logit of each row and, under label smoothing, sum_j w_j z_ij."""
-        target_logit = z.gather(1, self.safe_targets[rows, None]).squeeze(1)
+        target_logit = z.gather(1, self.terms.targets[rows, None]).squeeze(1)
         if self.spec.label_smoothing == 0:
             return target_logit, None
         return target_logit, z.sum(1) if self.weight is None else z @ self.weight
-
-    def row_loss(self, rows: slice, target_logit: Tensor, weighted_sum: Tensor | None,
-                 lse: Tensor) -> Tensor:
-        """Unreduced float32 loss of ``rows``, zero where ignored."""
-        s = self.spec.label_smoothing
-        loss = (1 - s) * self.target_weight[rows] * (lse - target_logit)
-        if weighted_sum is not None:
-            smooth = (s / self.vocab) * (self.weight_total * lse - weighted_sum)
-            loss = torch.where(self.valid[rows], loss + smooth, 0.0)
-        return loss
 
     def grad_logits(self, rows: slice, exp_z: Tensor, tanh_u: Tensor | None,
                     exp_scale: Tensor, grad_row: Tensor | None,
@@ -136,14 +170,15 @@ class _Problem:
         s = self.spec.label_smoothing
         coeff = torch.zeros_like(exp_scale)
         if grad_row is not None:
-            a = (1 - s) * self.target_weight[rows] + s * self.weight_total / self.vocab
+            terms = self.terms
+            a = (1 - s) * terms.target_weight[rows] + s * terms.weight_total / self.vocab
             coeff += grad_row * a
         if grad_lse is not None:
             coeff += grad_lse.float()
         g = exp_z.mul_((coeff * exp_scale)[:, None])
         if grad_row is not None:
-            onehot = grad_row * (1 - s) * self.target_weight[rows]
-            g.scatter_add_(1, self.safe_targets[rows, None], -onehot[:, None])
+            onehot = grad_row * (1 - s) * self.terms.target_weight[rows]
+            g.scatter_add_(1, self.terms.targets[rows, None], -onehot[:, None])
             if s > 0:
                 w = 1.0 if self.weight is None else self.weight[None, :]
                 g -= (grad_row * (s / self.vocab))[:, None] * w
@@ -196,7 +231,7 @@ def forward(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
     scalar reductions only)."""
     problem = _Problem(e, c, targets, bias, weight, spec)
     lse = e.new_empty(e.shape[0], dtype=torch.float32)
-    row_loss = e.new_empty(e.shape[0], dtype=torch.float32)
+    row_losses = e.new_empty(e.shape[0], dtype=torch.float32)
     grads = _Gradients(problem, e, c, bias, precompute) if any(precompute) else None
     grad_row = problem.row_grad(e.new_ones((), dtype=torch.float32)) if grads else None
 
@@ -207,18 +242,14 @@ def forward(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
         exp_z = z.sub_(row_max[:, None]).exp_()
         sum_exp = exp_z.sum(1)
         row_lse = lse[rows] = row_max + sum_exp.log()
-        row_loss[rows] = problem.row_loss(rows, target_logit, weighted_sum, row_lse)
+        row_losses[rows] = row_loss(problem.row_slice(rows), spec, problem.vocab, row_lse,
+                                    target_logit, weighted_sum)
         if grads is not None:
             g = problem.grad_logits(rows, exp_z, tanh_u, sum_exp.reciprocal(),
                                     grad_row[rows], None)
             grads.add(rows, g)
 
-    if spec.reduction == "none":
-        loss = row_loss
-    elif spec.reduction == "sum":
-        loss = row_loss.sum()
-    else:
-        loss = row_loss.sum() / problem.mean_denominator()
+    loss = reduce_rows(row_losses, problem.terms, spec.reduction)
     if grads is None:
         grad_e, grad_c, grad_bias = (e.new_empty(0) for _ in range(3))
     else:

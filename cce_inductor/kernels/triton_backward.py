@@ -35,8 +35,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import config
-from .chunked import LossSpec
-from .triton_forward import INTERPRET, autotune_configs, dot_precision, logits_tile, row_terms
+from .chunked import LossSpec, row_terms
+from .triton_forward import INTERPRET, autotune_configs, dot_precision, logits_tile
 
 # Upper bound on the fp32 scratch for dC when c is not fp32.
 GRAD_C_SCRATCH_BYTES = 256 * 2**20

@@ -17,14 +17,13 @@ Set ``TRITON_INTERPRET=1`` before importing to run the kernels on CPU tensors
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .chunked import LossSpec
+from .chunked import LossSpec, reduce_rows, row_loss, row_terms
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -161,29 +160,6 @@ def _forward_kernel(e_ptr, c_ptr, bias_ptr, weight_ptr, targets_ptr,
     tl.store(wsum_ptr + at, weighted_sum, mask=row_mask)
 
 
-@dataclass
-class RowTerms:
-    """Per-row constants of the loss, as in ``chunked``'s docstring."""
-
-    valid: Tensor          # bool (N,): target != ignore_index
-    targets: Tensor        # int64 (N,): the target, 0 where ignored
-    target_weight: Tensor  # float32 (N,): w_y, 0 where ignored
-    weight_total: Tensor | float  # W = sum(w)
-
-    def mean_denominator(self) -> Tensor:
-        return self.target_weight.sum()
-
-
-def row_terms(targets: Tensor, weight: Tensor | None, spec: LossSpec, vocab: int) -> RowTerms:
-    """Validity, safe targets and target weights of every row."""
-    valid = targets != spec.ignore_index
-    safe = torch.where(valid, targets, 0).long()
-    if weight is None:
-        return RowTerms(valid, safe, valid.float(), float(vocab))
-    w = weight.float()
-    return RowTerms(valid, safe, torch.where(valid, w[safe], 0.0), w.sum())
-
-
 def num_splits(num_rows: int, vocab: int, block_v: int, device: torch.device) -> int:
     """How many programs share the vocabulary of a block of rows."""
     tiles = triton.cdiv(vocab, block_v)
@@ -234,15 +210,7 @@ def forward(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
     lse = row_max + sum_exp.log()
     target_logit = split_target.sum(1)
 
-    s = spec.label_smoothing
-    row_loss = (1 - s) * terms.target_weight * (lse - target_logit)
-    if smoothing:
-        smooth = (s / vocab) * (terms.weight_total * lse - split_wsum.sum(1))
-        row_loss = torch.where(terms.valid, row_loss + smooth, 0.0)
-    if spec.reduction == "none":
-        loss = row_loss
-    elif spec.reduction == "sum":
-        loss = row_loss.sum()
-    else:
-        loss = row_loss.sum() / terms.mean_denominator()
+    weighted_sum = split_wsum.sum(1) if smoothing else None
+    loss = reduce_rows(row_loss(terms, spec, vocab, lse, target_logit, weighted_sum),
+                       terms, spec.reduction)
     return loss, lse, e.new_empty(0), e.new_empty(0), e.new_empty(0)
