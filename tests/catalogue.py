@@ -47,6 +47,7 @@ class Form:
     dtype: torch.dtype = torch.float32
     ignored_rows: bool = True  # targets include IGNORE
     autocast: bool = False
+    available: bool = True  # False where this torch lacks what the form calls
 
     @property
     def rewritten(self) -> bool:
@@ -192,6 +193,9 @@ FORMS: list[Form] = [
          lambda m, h, y: F.cross_entropy((F.linear(h, m.weight) / 0.7).view(-1, V),
                                          y.view(-1))),
     Form("z_loss", "cross_entropy + 1e-2 * logsumexp(logits, -1).pow(2).mean()", _z_loss),
+    Form("torch_linear_cross_entropy", "F.linear_cross_entropy(h2, W, y2) (torch 2.13+)",
+         lambda m, h, y: F.linear_cross_entropy(h.view(-1, D), m.weight, y.view(-1)),
+         available=hasattr(F, "linear_cross_entropy")),
     # Left alone.
     Form("soft_targets", "F.cross_entropy(logits, probabilities)",
          lambda m, h, y: F.cross_entropy(F.linear(h, m.weight).view(-1, V),

@@ -42,6 +42,8 @@ def tolerances(form: Form) -> tuple[float, float]:
 
 @pytest.mark.parametrize("form", FORMS, ids=lambda f: f.name)
 def test_form_rewritten_and_exact(form: Form):
+    if not form.available:
+        pytest.skip("this torch lacks what the form calls")
     model, compiled, graphs = compile_form(form)
     h, y = form.inputs()
     loss = compiled(h, y)
