@@ -38,6 +38,13 @@ filter_eps: float | str | None = _env_eps("CCE_INDUCTOR_FILTER_EPS")
 drop_escaping_logits: bool = _env_flag("CCE_INDUCTOR_DROP_LOGITS", False)
 
 
+# The portable (CPU) implementation holds at most this many bytes of float32
+# logits at a time.  Larger blocks re-read the classifier less often (faster
+# where D is small) at the price of memory; 64 MiB keeps the three matmuls at
+# full speed and the working set small next to the classifier and its gradient.
+logits_chunk_bytes: int = int(os.environ.get("CCE_INDUCTOR_CHUNK_MIB", "64")) * 2**20
+
+
 def settings_fingerprint() -> str:
     """A string that changes whenever a setting that affects compiled code does."""
     return f"filter_eps={filter_eps!r};drop_escaping_logits={drop_escaping_logits!r}"

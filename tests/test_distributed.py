@@ -98,7 +98,7 @@ VP_CASES = {
 
 def _vp_case(rank: int, name: str, splits: tuple[int, ...], *, dtype=torch.float32,
              bias=False, ignored=0.0, lead=(13,), d=8, block_rows=None, **options):
-    from cce_inductor.kernels import chunked
+    from cce_inductor import config
     from cce_inductor.parallel import vocab_parallel_linear_cross_entropy
 
     vocab = sum(splits)
@@ -114,14 +114,14 @@ def _vp_case(rank: int, name: str, splits: tuple[int, ...], *, dtype=torch.float
     c_shard = c[rows].clone().requires_grad_()
     b_shard = None if b is None else b[rows].clone().requires_grad_()
 
-    saved_budget = chunked.LOGITS_BYTES_PER_CHUNK
+    saved_budget = config.logits_chunk_bytes
     if block_rows is not None:
-        chunked.LOGITS_BYTES_PER_CHUNK = 4 * max(splits[rank], 1) * block_rows
+        config.logits_chunk_bytes = 4 * max(splits[rank], 1) * block_rows
     try:
         loss = vocab_parallel_linear_cross_entropy(e, c_shard, targets, vocab_start=start,
                                                    bias_shard=b_shard, **options)
     finally:
-        chunked.LOGITS_BYTES_PER_CHUNK = saved_budget
+        config.logits_chunk_bytes = saved_budget
 
     e64, c64 = float64_leaf(e), c.double().requires_grad_()
     b64 = None if b is None else b.double().requires_grad_()

@@ -97,8 +97,8 @@ def test_odd_shapes(n, d, v):
 
 def test_many_blocks_of_rows(monkeypatch):
     """More rows than one block holds, with a partial last block."""
-    from cce_inductor.kernels import chunked
-    monkeypatch.setattr(chunked, "LOGITS_BYTES_PER_CHUNK", 4 * 61 * 5)
+    from cce_inductor import config
+    monkeypatch.setattr(config, "logits_chunk_bytes", 4 * 61 * 5)
     e, c, targets, b, w = make_inputs(23, 6, 61, bias=True)
     check_against_reference(e, c, targets, b, w, torch.float32, {"softcap": 2.0})
     check_against_reference(e, c, targets, b, w, torch.float32, {"reduction": "none"})

@@ -85,7 +85,7 @@ def worker(model_name: str, method: str, vocab: int, tokens: int, seq: int, step
     peak = (torch.cuda.max_memory_allocated() if device == "cuda" else
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"peak_mib": peak / 2**20, "seconds": statistics.median(times),
-            "loss": float(loss)}
+            "loss": float(loss.detach())}
 
 
 def run(model_name, method, vocab, tokens, args) -> dict:
@@ -145,7 +145,7 @@ def _print_table(results, tokens, args) -> None:
             continue
         base = results.get((model_name, "compile", tokens), {}).get("seconds")
         ratio = f"{r['peak_mib'] / floor:.2f}" if floor and model_name == "gpt" else ""
-        speed = f"{r['seconds'] / base:.2f}" if base else ""
+        speed = f"{r['seconds'] / base:.2f}" if base and method != "floor" else ""
         print(f"| {model_name} | {method} | {r['peak_mib']:.0f} | {ratio} | "
               f"{r['seconds']:.2f} | {speed} |")
 

@@ -30,9 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# Logits budget per block of rows: large enough that the three matmuls run at
-# full speed, small next to the operands and their gradients.
-LOGITS_BYTES_PER_CHUNK = 64 * 2**20
+from .. import config
 
 
 @dataclass(frozen=True)
@@ -94,8 +92,8 @@ def reduce_rows(loss: Tensor, terms: RowTerms, reduction: str) -> Tensor:
 
 
 def rows_per_chunk(num_rows: int, vocab: int) -> int:
-    """How many rows of float32 logits fit in ``LOGITS_BYTES_PER_CHUNK`` (at least 1)."""
-    return max(1, min(num_rows, LOGITS_BYTES_PER_CHUNK // (4 * max(vocab, 1))))
+    """How many rows of float32 logits fit in ``config.logits_chunk_bytes`` (at least 1)."""
+    return max(1, min(num_rows, config.logits_chunk_bytes // (4 * max(vocab, 1))))
 
 
 class _Problem:
