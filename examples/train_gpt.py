@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
-    p.add_argument("--batch", type=int, default=8, help="sequences per batch")
+    p.add_argument("--batch", type=int, default=32, help="sequences per batch")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     p.add_argument("--layers", type=int, default=2, help="transformer blocks")
     p.add_argument("--d-model", type=int, default=128, help="model width")
