@@ -170,6 +170,8 @@ def _bind_loss_args(site: Site, node: Node, allow_smoothing: bool) -> Node:
     site.weight = _optional_node(bound.get("weight"), "class weight")
     site.ignore_index = _constant(bound.get("ignore_index", -100), int, "ignore_index")
     site.reduction = _constant(bound.get("reduction", "mean"), str, "reduction")
+    if site.reduction not in ("mean", "sum", "none"):
+        raise _Skip(f"unknown reduction {site.reduction!r}")
     smoothing = _constant(bound.get("label_smoothing", 0.0), (int, float),
                           "label_smoothing")
     if smoothing and not allow_smoothing:
