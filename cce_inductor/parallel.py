@@ -11,14 +11,15 @@ Forward, per row ``i`` (``z`` the logits after bias, scale and softcap)::
     m_r   = max_j z_ij                   over the rank's own classes
     s_r   = sum_j exp(z_ij - m_r)
     t_r   = z_iy if the rank owns y else 0
+    w_r   = sum_j w_j z_ij               (label smoothing only)
     M     = all_reduce_max(m_r)
     lse   = M + log(all_reduce_sum(s_r * exp(m_r - M)))
-    loss  = lse - all_reduce_sum(t_r)
 
-Backward: each rank recomputes its logits block by block and forms its own
-slice of ``softmax(z) - onehot(y)``, which gives its dC and d(bias) slices
-without communication; dE is the sum of every rank's ``dz @ c_shard`` and
-takes one all-reduce.
+then the loss of ``kernels/chunked.py``'s docstring from lse, the summed
+target logit and the summed ``w_r``.  Backward: each rank recomputes its
+logits block by block and forms its own slice of the gradient with respect to
+the logits, which gives its dC and d(bias) slices without communication; dE
+is the sum of every rank's ``dz @ c_shard`` and takes one all-reduce.
 
 Collectives come from ``torch.distributed._functional_collectives``, which
 run eagerly and are also understood by torch.compile.
@@ -49,6 +50,7 @@ def vocab_parallel_linear_cross_entropy(
     bias_shard: Tensor | None = None,
     label_smoothing: float = 0.0,
     weight: Tensor | None = None,
+    vocab_size: int | None = None,
 ) -> Tensor:
     """Cross-entropy over a classifier split by rows across the ranks of ``group``.
 
@@ -56,7 +58,8 @@ def vocab_parallel_linear_cross_entropy(
 
         z = (e @ c.T + bias) * logit_scale
         if softcap: z = softcap * tanh(z / softcap)
-        F.cross_entropy(z, targets, ignore_index=ignore_index, reduction=reduction)
+        F.cross_entropy(z, targets, weight=weight, ignore_index=ignore_index,
+                        reduction=reduction, label_smoothing=label_smoothing)
 
     where ``c`` (V, D) and ``bias`` (V,) are the concatenation of every rank's
     ``c_shard`` and ``bias_shard`` in ``vocab_start`` order.  Logits are never
@@ -76,8 +79,11 @@ def vocab_parallel_linear_cross_entropy(
         softcap: positive cap for ``softcap * tanh(z / softcap)``, or None.
         logit_scale: constant the logits are multiplied by (before softcap).
         bias_shard: optional (V_local,) slice of the classifier bias.
-        label_smoothing: not supported; a nonzero value raises NotImplementedError.
-        weight: class weights are not supported; raises NotImplementedError.
+        label_smoothing: in [0, 1], as ``F.cross_entropy``'s.
+        weight: optional (V,) class weights over the whole vocabulary, the same
+            on every rank (not differentiated).
+        vocab_size: V, the whole vocabulary's size; needed with label smoothing
+            when no ``weight`` gives it.
 
     Returns:
         The loss in e's dtype (computed in float32), the same on every rank.
@@ -87,12 +93,6 @@ def vocab_parallel_linear_cross_entropy(
     Target values outside the global vocabulary, other than ``ignore_index``,
     raise ``ValueError`` on the CPU and trip a device-side assertion elsewhere.
     """
-    if label_smoothing:
-        raise NotImplementedError(
-            "label_smoothing is not supported by vocab_parallel_linear_cross_entropy")
-    if weight is not None:
-        raise NotImplementedError(
-            "weight (class weights) is not supported by vocab_parallel_linear_cross_entropy")
     if e.dim() < 1:
         raise ValueError("e must have at least one dimension (..., D)")
     if targets.shape != e.shape[:-1]:
@@ -105,51 +105,44 @@ def vocab_parallel_linear_cross_entropy(
     e2 = e.reshape(-1, e.shape[-1])
     t1 = targets.reshape(-1)
     softcap = None if softcap is None else float(softcap)
-    check_inputs(e2, c_shard, t1, bias_shard, None, reduction, 0.0, softcap,
-                 float(logit_scale))
-    spec = chunked.LossSpec(int(ignore_index), reduction, 0.0, softcap, float(logit_scale))
+    check_inputs(e2, c_shard, t1, bias_shard, None, reduction, float(label_smoothing),
+                 softcap, float(logit_scale))
+    if weight is not None:
+        if weight.dim() != 1 or not weight.is_floating_point() or \
+                weight.shape[0] < vocab_start + c_shard.shape[0]:
+            raise ValueError("weight must be a floating (V,) tensor over the whole "
+                             f"vocabulary, got {weight.dtype} of shape {tuple(weight.shape)}")
+        if vocab_size is not None and vocab_size != weight.shape[0]:
+            raise ValueError(f"vocab_size ({vocab_size}) differs from weight's length "
+                             f"({weight.shape[0]})")
+        vocab_size = weight.shape[0]
+    if label_smoothing and vocab_size is None:
+        raise ValueError("vocab_size (the whole vocabulary's size) is required with "
+                         "label_smoothing when no class weight is given")
+    vocab = 0 if vocab_size is None else int(vocab_size)  # used by smoothing only
+    spec = chunked.LossSpec(int(ignore_index), reduction, float(label_smoothing), softcap,
+                            float(logit_scale))
     group = dist.group.WORLD if group is None else group
-    loss = _VocabParallelCrossEntropy.apply(e2, c_shard, t1, bias_shard, vocab_start,
-                                            group, spec)
+    loss = _VocabParallelCrossEntropy.apply(e2, c_shard, t1, bias_shard, weight,
+                                            vocab_start, vocab, group, spec)
     loss = loss.to(e.dtype)
     return loss.view(targets.shape) if reduction == "none" else loss
 
 
-class _Shard:
-    """This rank's float32 operands and reusable logits buffers."""
+class _Shard(chunked.LogitBlocks):
+    """This rank's operands, which targets it owns, and its slice of the weights."""
 
     def __init__(self, e: Tensor, c: Tensor, bias: Tensor | None, targets: Tensor,
-                 vocab_start: int, spec: chunked.LossSpec) -> None:
-        self.spec = spec
-        self.e, self.c = e.float(), c.float()
-        self.bias = None if bias is None else bias.float()
-        self.vocab = c.shape[0]
-        self.valid = targets != spec.ignore_index
-        local = targets.long() - vocab_start
-        self.owned = self.valid & (local >= 0) & (local < self.vocab)
+                 weight: Tensor | None, vocab_start: int, vocab: int,
+                 spec: chunked.LossSpec) -> None:
+        super().__init__(e, c, bias, spec)
+        self.terms = chunked.row_terms(targets, weight, spec, vocab)
+        self.global_vocab = vocab
+        local = self.terms.targets - vocab_start
+        self.owned = self.terms.valid & (local >= 0) & (local < self.vocab)
         self.local_targets = torch.where(self.owned, local, 0)
-        self.step = chunked.rows_per_chunk(e.shape[0], self.vocab)
-        self._z = e.new_empty(self.step, self.vocab, dtype=torch.float32)
-        self._tanh = None if spec.softcap is None else torch.empty_like(self._z)
-
-    def blocks(self):
-        rows = self.e.shape[0]
-        for start in range(0, rows, self.step):
-            yield slice(start, min(start + self.step, rows))
-
-    def logits(self, rows: slice) -> tuple[Tensor, Tensor | None]:
-        """z for ``rows`` and, under softcap, tanh(u / softcap); both in reused buffers."""
-        z = self._z[: rows.stop - rows.start]
-        torch.mm(self.e[rows], self.c.T, out=z)
-        if self.bias is not None:
-            z += self.bias
-        if self.spec.logit_scale != 1.0:
-            z *= self.spec.logit_scale
-        if self.spec.softcap is None:
-            return z, None
-        tanh_u = self._tanh[: z.shape[0]]
-        torch.tanh(z.div_(self.spec.softcap), out=tanh_u)
-        return torch.mul(tanh_u, self.spec.softcap, out=z), tanh_u
+        self.local_weight = (None if weight is None else
+                             weight[vocab_start:vocab_start + self.vocab].float())
 
 
 def _all_reduce(t: Tensor, op: str, group: dist.ProcessGroup) -> Tensor:
@@ -159,53 +152,55 @@ def _all_reduce(t: Tensor, op: str, group: dist.ProcessGroup) -> Tensor:
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
-                vocab_start: int, group: dist.ProcessGroup,
-                spec: chunked.LossSpec) -> Tensor:
-        shard = _Shard(e, c, bias, targets, vocab_start, spec)
+                weight: Tensor | None, vocab_start: int, vocab: int,
+                group: dist.ProcessGroup, spec: chunked.LossSpec) -> Tensor:
+        shard = _Shard(e, c, bias, targets, weight, vocab_start, vocab, spec)
+        smoothing = spec.label_smoothing > 0
         rows = e.shape[0]
         local_max = e.new_full((rows,), float("-inf"), dtype=torch.float32)
         local_sum = e.new_zeros(rows, dtype=torch.float32)
         target_logit = e.new_zeros(rows, dtype=torch.float32)
+        weighted_sum = e.new_zeros(rows, dtype=torch.float32)
         if shard.vocab > 0:
             for block in shard.blocks():
                 z, _ = shard.logits(block)
                 picked = z.gather(1, shard.local_targets[block, None]).squeeze(1)
                 target_logit[block] = torch.where(shard.owned[block], picked, 0.0)
+                if smoothing:
+                    weighted_sum[block] = (z.sum(1) if shard.local_weight is None
+                                           else z @ shard.local_weight)
                 block_max = local_max[block] = z.amax(1)
                 local_sum[block] = z.sub_(block_max[:, None]).exp_().sum(1)
 
         global_max = _all_reduce(local_max, "max", group)
-        # The sum of exponentials, the target logit and how many ranks own each
-        # target all add up over ranks: one all-reduce carries the three.
+        # The sum of exponentials, the target logit, how many ranks own each
+        # target and the weighted sum all add up over ranks: one all-reduce.
         stacked = torch.stack([local_sum * (local_max - global_max).exp(), target_logit,
-                               shard.owned.float()])
+                               shard.owned.float(), weighted_sum])
         summed = _all_reduce(stacked, "sum", group)
         lse = global_max + summed[0].log()
-        _check_ownership(shard.valid, summed[2], targets, spec.ignore_index)
+        _check_ownership(shard.terms.valid, summed[2], targets, spec.ignore_index)
 
-        row_loss = torch.where(shard.valid, lse - summed[1], 0.0)
-        if spec.reduction == "none":
-            loss = row_loss
-        elif spec.reduction == "sum":
-            loss = row_loss.sum()
-        else:
-            loss = row_loss.sum() / shard.valid.sum()
-        ctx.save_for_backward(e, c, targets, bias, lse)
-        ctx.vocab_start, ctx.group, ctx.spec = vocab_start, group, spec
-        return loss
+        row_loss = chunked.row_loss(shard.terms, spec, vocab, lse, summed[1],
+                                    summed[3] if smoothing else None)
+        ctx.save_for_backward(e, c, targets, bias, weight, lse)
+        ctx.vocab_start, ctx.group, ctx.spec, ctx.vocab = vocab_start, group, spec, vocab
+        return chunked.reduce_rows(row_loss, shard.terms, spec.reduction)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        e, c, targets, bias, lse = ctx.saved_tensors
+        e, c, targets, bias, weight, lse = ctx.saved_tensors
         spec = ctx.spec
-        shard = _Shard(e, c, bias, targets, ctx.vocab_start, spec)
+        shard = _Shard(e, c, bias, targets, weight, ctx.vocab_start, ctx.vocab, spec)
         need_e, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_bias = bias is not None and ctx.needs_input_grad[3]
-
-        grad_row = grad_loss.float()
-        if spec.reduction == "mean":
-            grad_row = grad_row / shard.valid.sum()
-        grad_row = torch.where(shard.valid, grad_row.expand(shard.valid.shape), 0.0)
+        terms, s = shard.terms, spec.label_smoothing
+        grad_row = terms.upstream(grad_loss, spec.reduction)
+        # d loss_i / d z_ij = a_i p_ij - (1 - s) w_y [j == y] - (s / V) w_j.
+        softmax_coeff = grad_row * (1 - s) * terms.target_weight
+        if s > 0:
+            softmax_coeff = softmax_coeff + grad_row * (s * terms.weight_total / ctx.vocab)
+        onehot = torch.where(shard.owned, grad_row * (1 - s) * terms.target_weight, 0.0)
 
         # dE is needed on every rank even when this one holds no classes,
         # since every rank takes part in its all-reduce.
@@ -215,13 +210,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         if shard.vocab > 0:
             for block in shard.blocks():
                 z, tanh_u = shard.logits(block)
-                g = z.sub_(lse[block, None]).exp_().mul_(grad_row[block, None])
-                onehot = torch.where(shard.owned[block], grad_row[block], 0.0)
-                g.scatter_add_(1, shard.local_targets[block, None], -onehot[:, None])
-                if tanh_u is not None:
-                    g.mul_(tanh_u.square_().neg_().add_(1.0))
-                if spec.logit_scale != 1.0:
-                    g.mul_(spec.logit_scale)
+                g = z.sub_(lse[block, None]).exp_().mul_(softmax_coeff[block, None])
+                g.scatter_add_(1, shard.local_targets[block, None], -onehot[block, None])
+                if s > 0:
+                    w = 1.0 if shard.local_weight is None else shard.local_weight[None, :]
+                    g -= (grad_row[block] * (s / ctx.vocab))[:, None] * w
+                g = shard.through_softcap_and_scale(g, tanh_u)
                 if grad_e is not None:
                     torch.mm(g, shard.c, out=grad_e[block])
                 if grad_c is not None:
@@ -231,7 +225,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         if grad_e is not None:
             grad_e = _all_reduce(grad_e, "sum", ctx.group).to(e.dtype)
         return (grad_e, None if grad_c is None else grad_c.to(c.dtype), None,
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None,
+                None, None)
 
 
 def _check_ownership(valid: Tensor, owners: Tensor, targets: Tensor,

@@ -93,11 +93,18 @@ VP_CASES = {
     "many_blocks": {"splits": (20, 17), "softcap": 3.0, "bias": True, "block_rows": 4},
     "three_dim_e": {"splits": (20, 17), "lead": (3, 5), "ignored": 0.2},
     "bfloat16": {"splits": (20, 17), "dtype": torch.bfloat16, "bias": True},
+    "label_smoothing": {"splits": (20, 17), "label_smoothing": 0.2, "ignored": 0.2,
+                        "vocab_size": 37},
+    "weight_smoothing_softcap": {"splits": (9, 28), "weight": True, "label_smoothing": 0.1,
+                                 "softcap": 2.0, "bias": True, "ignored": 0.2},
+    "weight_none": {"splits": (20, 17), "weight": True, "reduction": "none",
+                    "ignored": 0.3},
 }
 
 
 def _vp_case(rank: int, name: str, splits: tuple[int, ...], *, dtype=torch.float32,
-             bias=False, ignored=0.0, lead=(13,), d=8, block_rows=None, **options):
+             bias=False, weight=False, ignored=0.0, lead=(13,), d=8, block_rows=None,
+             vocab_size=None, **options):
     from cce_inductor import config
     from cce_inductor.parallel import vocab_parallel_linear_cross_entropy
 
@@ -109,6 +116,7 @@ def _vp_case(rank: int, name: str, splits: tuple[int, ...], *, dtype=torch.float
     targets = torch.randint(0, vocab, lead, generator=gen)
     drop = torch.rand(lead, generator=gen) < ignored
     targets = torch.where(drop, options.get("ignore_index", -100), targets)
+    w = torch.rand(vocab, generator=gen) + 0.1 if weight else None
     start = sum(splits[:rank])
     rows = slice(start, start + splits[rank])
     c_shard = c[rows].clone().requires_grad_()
@@ -119,13 +127,15 @@ def _vp_case(rank: int, name: str, splits: tuple[int, ...], *, dtype=torch.float
         config.logits_chunk_bytes = 4 * max(splits[rank], 1) * block_rows
     try:
         loss = vocab_parallel_linear_cross_entropy(e, c_shard, targets, vocab_start=start,
-                                                   bias_shard=b_shard, **options)
+                                                   bias_shard=b_shard, weight=w,
+                                                   vocab_size=vocab_size, **options)
     finally:
         config.logits_chunk_bytes = saved_budget
 
     e64, c64 = float64_leaf(e), c.double().requires_grad_()
     b64 = None if b is None else b.double().requires_grad_()
-    ref = reference_loss(e64, c64, targets, bias=b64, **options)
+    ref = reference_loss(e64, c64, targets, bias=b64,
+                         weight=None if w is None else w.double(), **options)
     rtol, atol = TOLERANCES[dtype]
     assert loss.dtype == dtype and loss.shape == ref.shape, name
     torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=atol, msg=name)
@@ -168,15 +178,15 @@ def _vocab_parallel_worker(rank: int) -> None:
     with pytest.raises(ValueError, match="no rank's vocabulary shard"):
         vocab_parallel_linear_cross_entropy(e, c_shard, torch.full((6,), 10),
                                             vocab_start=5 * rank)
-    for argument, value in (("label_smoothing", 0.1), ("weight", torch.ones(10))):
-        with pytest.raises(NotImplementedError, match=argument):
-            vocab_parallel_linear_cross_entropy(e, c_shard, targets, vocab_start=5 * rank,
-                                                **{argument: value})
+    with pytest.raises(ValueError, match="vocab_size"):
+        vocab_parallel_linear_cross_entropy(e, c_shard, targets, vocab_start=5 * rank,
+                                            label_smoothing=0.1)
 
 
 def test_vocab_parallel_matches_float64_reference():
     """Loss, dE, each rank's dC and d(bias) slices; uneven and empty shards,
-    ignored rows, softcap, scale, every reduction, several row blocks, bf16."""
+    ignored rows, softcap, scale, every reduction, several row blocks, bf16,
+    label smoothing and class weights."""
     spawn("_vocab_parallel_worker")
 
 

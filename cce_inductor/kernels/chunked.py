@@ -57,6 +57,15 @@ class RowTerms:
         """The mean's divisor: the sum of w_y over the rows that are not ignored."""
         return self.target_weight.sum()
 
+    def upstream(self, grad_loss: Tensor | None, reduction: str) -> Tensor | None:
+        """The upstream gradient of every row's loss, zero at ignored rows."""
+        if grad_loss is None:
+            return None
+        g = grad_loss.float()
+        if reduction == "mean":
+            g = g / self.mean_denominator()
+        return torch.where(self.valid, g.expand(self.valid.shape), 0.0)
+
 
 def row_terms(targets: Tensor, weight: Tensor | None, spec: LossSpec, vocab: int) -> RowTerms:
     """Validity, safe targets and target weights of every row."""
@@ -96,18 +105,19 @@ def rows_per_chunk(num_rows: int, vocab: int) -> int:
     return max(1, min(num_rows, config.logits_chunk_bytes // (4 * max(vocab, 1))))
 
 
-class _Problem:
-    """Float32 operands, per-row constants and the reusable logits buffers."""
+class LogitBlocks:
+    """Float32 operands and the reusable logits buffers, a block of rows at a time.
 
-    def __init__(self, e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
-                 weight: Tensor | None, spec: LossSpec) -> None:
+    Shared by this module's loss and the vocabulary-parallel one (which holds
+    a slice of the classifier's rows).
+    """
+
+    def __init__(self, e: Tensor, c: Tensor, bias: Tensor | None, spec: LossSpec) -> None:
         self.spec = spec
         self.e = e.float()
         self.c = c.float()
         self.bias = None if bias is None else bias.float()
         self.vocab = c.shape[0]
-        self.weight = None if weight is None else weight.float()
-        self.terms = row_terms(targets, weight, spec, self.vocab)
         self.step = rows_per_chunk(e.shape[0], self.vocab)
         self._logits = e.new_empty(self.step, self.vocab, dtype=torch.float32)
         self._tanh = None if spec.softcap is None else torch.empty_like(self._logits)
@@ -116,21 +126,6 @@ class _Problem:
         num_rows = self.e.shape[0]
         for start in range(0, num_rows, self.step):
             yield slice(start, min(start + self.step, num_rows))
-
-    def row_slice(self, rows: slice) -> RowTerms:
-        """The per-row terms of ``rows``."""
-        t = self.terms
-        return RowTerms(t.valid[rows], t.targets[rows], t.target_weight[rows],
-                        t.weight_total)
-
-    def row_grad(self, grad_loss: Tensor | None) -> Tensor | None:
-        """Upstream gradient of every row's loss, zero at ignored rows."""
-        if grad_loss is None:
-            return None
-        g = grad_loss.float()
-        if self.spec.reduction == "mean":
-            g = g / self.terms.mean_denominator()
-        return torch.where(self.terms.valid, g.expand(self.terms.valid.shape), 0.0)
 
     def logits(self, rows: slice) -> tuple[Tensor, Tensor | None]:
         """Float32 logits z of ``rows`` and, under softcap, ``tanh(u / softcap)``.
@@ -149,6 +144,31 @@ class _Problem:
         tanh_u = self._tanh[: z.shape[0]]
         torch.tanh(z.div_(spec.softcap), out=tanh_u)
         return torch.mul(tanh_u, spec.softcap, out=z), tanh_u
+
+    def through_softcap_and_scale(self, g: Tensor, tanh_u: Tensor | None) -> Tensor:
+        """Turn a gradient with respect to z into one with respect to ``x + bias``,
+        in place (``tanh_u`` is consumed)."""
+        if tanh_u is not None:
+            g.mul_(tanh_u.square_().neg_().add_(1.0))
+        if self.spec.logit_scale != 1.0:
+            g.mul_(self.spec.logit_scale)
+        return g
+
+
+class _Problem(LogitBlocks):
+    """The operands of one loss, with its per-row constants."""
+
+    def __init__(self, e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
+                 weight: Tensor | None, spec: LossSpec) -> None:
+        super().__init__(e, c, bias, spec)
+        self.weight = None if weight is None else weight.float()
+        self.terms = row_terms(targets, weight, spec, self.vocab)
+
+    def row_slice(self, rows: slice) -> RowTerms:
+        """The per-row terms of ``rows``."""
+        t = self.terms
+        return RowTerms(t.valid[rows], t.targets[rows], t.target_weight[rows],
+                        t.weight_total)
 
     def loss_terms(self, rows: slice, z: Tensor) -> tuple[Tensor, Tensor | None]:
         """The target logit of each row and, under label smoothing, sum_j w_j z_ij."""
@@ -180,11 +200,7 @@ class _Problem:
             if s > 0:
                 w = 1.0 if self.weight is None else self.weight[None, :]
                 g -= (grad_row * (s / self.vocab))[:, None] * w
-        if tanh_u is not None:
-            g.mul_(tanh_u.square_().neg_().add_(1.0))
-        if self.spec.logit_scale != 1.0:
-            g.mul_(self.spec.logit_scale)
-        return g
+        return self.through_softcap_and_scale(g, tanh_u)
 
 
 class _Gradients:
@@ -231,7 +247,8 @@ def forward(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
     lse = e.new_empty(e.shape[0], dtype=torch.float32)
     row_losses = e.new_empty(e.shape[0], dtype=torch.float32)
     grads = _Gradients(problem, e, c, bias, precompute) if any(precompute) else None
-    grad_row = problem.row_grad(e.new_ones((), dtype=torch.float32)) if grads else None
+    unit = e.new_ones((), dtype=torch.float32)
+    grad_row = problem.terms.upstream(unit, spec.reduction) if grads else None
 
     for rows in problem.blocks():
         z, tanh_u = problem.logits(rows)
@@ -263,7 +280,7 @@ def backward(grad_loss: Tensor | None, grad_lse: Tensor | None, e: Tensor, c: Te
     (upstream ``grad_lse``) with respect to e, c and bias, recomputing logits."""
     problem = _Problem(e, c, targets, bias, weight, spec)
     grads = _Gradients(problem, e, c, bias, needs)
-    grad_row = problem.row_grad(grad_loss)
+    grad_row = problem.terms.upstream(grad_loss, spec.reduction)
     for rows in problem.blocks():
         z, tanh_u = problem.logits(rows)
         row_lse = lse[rows]
