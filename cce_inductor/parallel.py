@@ -63,7 +63,7 @@ def vocab_parallel_linear_cross_entropy(
 
     where ``c`` (V, D) and ``bias`` (V,) are the concatenation of every rank's
     ``c_shard`` and ``bias_shard`` in ``vocab_start`` order.  Logits are never
-    gathered: three small (N,)-sized all-reduces in the forward and one
+    gathered: two all-reduces of (N,)-sized rows in the forward and one
     all-reduce of dE (N, D) in the backward.
 
     Args:
