@@ -293,58 +293,139 @@ def test_fsdp2_compiled_with_cce_matches_single_process():
     spawn("_fsdp_worker")
 
 
-# --- tensor parallel: DTensor classifiers are left alone ----------------------------
+# --- tensor parallel: vocabulary-sharded DTensor classifiers -------------------------
 
 
-def _tensor_parallel_worker(rank: int) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+def _colwise_case(mesh, backend, what: str) -> None:
+    """ColwiseParallel head + loss_parallel(), PyTorch's tensor-parallel loss recipe."""
+    from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         loss_parallel,
         parallelize_module,
     )
 
-    from cce_inductor import make_backend
-
-    mesh = init_device_mesh("cpu", (WORLD,))
-
-    # A ColwiseParallel head whose logits stay sharded for loss_parallel().
     log = _Rewrites()
     model, x, y = _model_and_batch()
     ref_loss, ref_grads = _float64_reference(model, x, y)
-    parallelize_module(model, mesh, {
-        "head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)})
-    compiled = torch.compile(model, backend=make_backend(FAST_BACKEND))
+    parallelize_module(model, mesh, {"head": ColwiseParallel(use_local_output=False)})
+    compiled = torch.compile(model, backend=backend)
     with loss_parallel():
         loss = compiled(x, y)  # tensor parallel: both ranks see the whole batch
         loss.backward()
+    assert isinstance(loss, DTensor) and loss.placements[0].is_replicate(), what
     grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
              for n, p in model.named_parameters()}
-    _assert_matches(loss.full_tensor(), grads, ref_loss, ref_grads, "ColwiseParallel")
-    assert log.rewritten == 0 and log.messages, log.messages
-
-    # The linear itself on DTensors: the matcher sees the classifier's placement.
-    log = _Rewrites()
-    gen = torch.Generator().manual_seed(2)
-    h, c = torch.randn(10, D, generator=gen), torch.randn(V, D, generator=gen)
-    targets = torch.randint(0, V, (10,), generator=gen)
-    h_dt = distribute_tensor(h, mesh, [Replicate()])
-    c_dt = distribute_tensor(c, mesh, [Shard(0)])
-
-    def loss_fn(h, c, y):
-        return F.cross_entropy(F.linear(h, c), y)
-
-    with loss_parallel():
-        loss = torch.compile(loss_fn, backend=make_backend(FAST_BACKEND))(h_dt, c_dt,
-                                                                          targets)
-    ref = reference_loss(h.double(), c.double(), targets)
-    torch.testing.assert_close(loss.full_tensor().double(), ref, rtol=1e-5, atol=1e-6)
-    assert log.rewritten == 0, log.messages
-    assert any("DTensor sharded over the vocabulary" in m for m in log.messages), \
+    _assert_matches(loss.full_tensor(), grads, ref_loss, ref_grads, what)
+    assert log.rewritten == 1, log.messages
+    assert any("vocab-parallel loss: V=37 over 2 ranks" in m for m in log.messages), \
         log.messages
 
 
-def test_tensor_parallel_dtensor_classifier_left_alone():
-    """ColwiseParallel + loss_parallel() compiles and matches; nothing is rewritten."""
+# F.linear on DTensors: h replicated, the classifier (and bias) Shard(0).
+TP_CASES = {
+    "even": {"vocab": 36},
+    "uneven_bias_scale_softcap_sum": {"vocab": 37, "bias": True, "scale": 1.5,
+                                      "softcap": 2.0, "reduction": "sum", "ignored": 0.3},
+    "uneven_rows_3d_none": {"vocab": 37, "lead": (2, 5), "reduction": "none",
+                            "ignored": 0.2},
+    "ragged_ignore_index_7": {"vocab": 3, "ignore_index": 7, "ignored": 0.3},
+}
+
+
+def _linear_case(mesh, name: str, *, vocab: int, lead=(10,), bias=False, scale=1.0,
+                 softcap=None, reduction="mean", ignored=0.0, ignore_index=-100,
+                 class_weight=False, rewritten=True) -> None:
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from cce_inductor import make_backend
+    from cce_inductor.graph.vocab_parallel import shard_range
+
+    log = _Rewrites()
+    gen = torch.Generator().manual_seed(len(name))
+    h = torch.randn(*lead, D, generator=gen)
+    c = torch.randn(vocab, D, generator=gen) * D**-0.5
+    b = torch.randn(vocab, generator=gen) if bias else None
+    w = torch.rand(vocab, generator=gen) + 0.5 if class_weight else None
+    y = torch.randint(0, vocab, lead, generator=gen)
+    y = torch.where(torch.rand(lead, generator=gen) < ignored, ignore_index, y)
+    h_dt = distribute_tensor(h, mesh, [Replicate()]).requires_grad_()
+    c_dt = distribute_tensor(c, mesh, [Shard(0)]).requires_grad_()
+    b_dt = None if b is None else distribute_tensor(b, mesh, [Shard(0)]).requires_grad_()
+    start, size = shard_range(vocab, WORLD, dist.get_rank())
+    rows = slice(start, start + size)
+    # The offsets the rewrite computes are where DTensor put this rank's rows.
+    assert torch.equal(c_dt.to_local(), c[rows]), name
+
+    def loss_fn(h, c, b, y):
+        z = F.linear(h, c, b) * scale
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        return F.cross_entropy(z.view(-1, vocab), y.view(-1), ignore_index=ignore_index,
+                               reduction=reduction, weight=w)
+
+    torch._dynamo.reset()  # each case's constants stay constants, not graph inputs
+    compiled = torch.compile(loss_fn, backend=make_backend(FAST_BACKEND))
+    with loss_parallel():
+        loss = compiled(h_dt, c_dt, b_dt, y)
+        upstream = torch.randn(loss.shape, generator=gen, dtype=torch.float64)
+        (loss.to_local().double() * upstream).sum().backward()
+    assert log.rewritten == int(rewritten), (name, log.messages)
+    assert any("vocab-parallel loss" in m for m in log.messages) == rewritten, name
+
+    h64, c64, b64 = (None if t is None else t.double().requires_grad_() for t in (h, c, b))
+    ref = reference_loss(h64, c64, y, bias=b64, ignore_index=ignore_index,
+                         reduction=reduction, weight=None if w is None else w.double(),
+                         softcap=softcap, logit_scale=scale).reshape(loss.shape)
+    wrt = [h64, c64] + ([b64] if bias else [])
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), wrt)
+    torch.testing.assert_close(loss.to_local().double(), ref, rtol=1e-5, atol=1e-6,
+                               msg=name)
+    # dh whole (loss_parallel leaves it partial); dC and d(bias): this rank's rows.
+    ours = [h_dt.grad.full_tensor(), c_dt.grad.to_local()] + \
+        ([b_dt.grad.to_local()] if bias else [])
+    expected = [ref_grads[0]] + [g[rows] for g in ref_grads[1:]]
+    for what, grad, want in zip(("dh", "dC", "dbias"), ours, expected):
+        torch.testing.assert_close(grad.double(), want, rtol=1e-5,
+                                   atol=1e-6 * max(want.abs().max().item(), 1.0),
+                                   msg=f"{name}: {what}")
+
+
+def _tensor_parallel_worker(rank: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from cce_inductor import make_backend
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    _colwise_case(mesh, make_backend(FAST_BACKEND), "ColwiseParallel, aot_eager")
+    _colwise_case(mesh, "cce", "ColwiseParallel, cce")
+    for name, case in TP_CASES.items():
+        _linear_case(mesh, name, **case)
+
+    # What the vocabulary-parallel loss does not take stays with loss_parallel().
+    log = _Rewrites()
+    _linear_case(mesh, "class_weight", vocab=37, class_weight=True, rewritten=False)
+    assert any("DTensor sharded over the vocabulary" in m and "class weights" in m
+               for m in log.messages), log.messages
+
+
+def test_tensor_parallel_vocab_sharded_classifier_served():
+    """ColwiseParallel + loss_parallel(), and F.linear on a Shard(0) DTensor: the loss
+    is rewritten to the vocabulary-parallel one and matches float64 (loss, dh, each
+    rank's dC and d(bias) rows), even, uneven and ragged shards; a class weight is
+    left to loss_parallel()."""
     spawn("_tensor_parallel_worker")
+
+
+def test_shard_range_splits_like_dtensor():
+    from torch.distributed.tensor import Shard
+
+    from cce_inductor.graph.vocab_parallel import shard_range
+
+    for size in range(0, 12):
+        for parts in range(1, 6):
+            for index in range(parts):
+                length, offset = Shard.local_shard_size_and_offset(size, parts, index)
+                assert shard_range(size, parts, index) == (offset, length), \
+                    (size, parts, index)

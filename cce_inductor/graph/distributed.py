@@ -1,9 +1,11 @@
-"""Sites whose operands are distributed tensors: left alone, with a reason.
+"""Sites whose operands are distributed tensors: served or left alone, with a reason.
 
 The fused op takes plain tensors.  Under tensor parallelism the classifier
 (and sometimes the hidden states) are DTensors whose logits are sharded over
 ranks; handing their local shards to the op would compute a per-shard softmax,
-a wrong loss with no error.  Such sites are reported and left to PyTorch
+a wrong loss with no error.  A classifier sharded over the vocabulary with
+replicated hidden states is served by the vocabulary-parallel loss
+(``vocab_parallel.py``); other such sites are reported and left to PyTorch
 (``loss_parallel``) or to ``cce_inductor.parallel``.
 """
 
@@ -27,7 +29,9 @@ def classifier_skip_reason(site: Site) -> str | None:
 
     Looks at the example values of the classifier, the hidden states and the
     bias: a DTensor, or any other tensor subclass that wraps its data
-    (quantized or float8 weights, say), is refused.
+    (quantized or float8 weights, say), is refused, except a classifier
+    sharded over the vocabulary in a layout that ``vocab_parallel`` serves:
+    that site gets ``site.vocab_parallel`` instead of a reason.
     """
     operands = (("classifier", site.classifier), ("hidden state", site.hidden),
                 ("bias", site.bias))
@@ -49,8 +53,14 @@ def _dtensor_reason(role: str, value: Any, site: Site) -> str:
     vocab_dim = 1 if role == "classifier" and site.classifier_is_transposed else 0
     sharded = [p.dim % value.dim() for p in value.placements if isinstance(p, Shard)]
     if role == "classifier" and vocab_dim in sharded:
+        from .vocab_parallel import plan_for
+
+        plan, why = plan_for(site, value)
+        if plan is not None:
+            site.vocab_parallel = plan  # served by the vocabulary-parallel loss
+            return None
         return ("the classifier is a DTensor sharded over the vocabulary; keep "
-                f"loss_parallel(), or {VOCAB_PARALLEL_HINT}")
+                f"loss_parallel(), or {VOCAB_PARALLEL_HINT} ({why})")
     layout = "sharded" if sharded else "replicated or partial"
     return (f"the {role} is a DTensor ({layout}: {tuple(value.placements)}); the fused op "
             f"takes plain tensors, so gather it or {VOCAB_PARALLEL_HINT}")

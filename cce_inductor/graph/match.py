@@ -73,6 +73,9 @@ class Site:
     logsumexp_users: list[Node] = field(default_factory=list)
     escaping: list[Node] = field(default_factory=list)  # chain nodes that are outputs
     chain: list[Node] = field(default_factory=list)  # nodes from anchor input to linear
+    # Set instead of a skip reason for a vocabulary-sharded DTensor classifier
+    # that the vocabulary-parallel loss serves (see vocab_parallel.py).
+    vocab_parallel: Any = None
 
     @property
     def rewrite(self) -> bool:
@@ -337,6 +340,10 @@ def _absorb_step(site: Site, node: Node) -> Node:
                     site.bias = bias
                     return source
         raise _Skip(f"{node.name} adds something other than a (V,) bias")
+    if _is_method(node, ("redistribute",)):
+        # A DTensor's layout changes, not its values; whether the layout of
+        # the operands is served is decided by the distributed check.
+        return node.args[0]
     if node.op == "placeholder":
         raise _Skip(f"the logits ({node.name}) are an input of this graph: the linear ran "
                     "in an earlier graph (a graph break lies between it and the loss)")

@@ -34,6 +34,10 @@ def rewrite_site(graph: Graph, site: Site) -> None:
     New nodes are all built before any existing node is touched, so a failure
     while building leaves only unused new nodes behind.
     """
+    if site.vocab_parallel is not None:
+        from .vocab_parallel import rewrite_vocab_parallel
+
+        return rewrite_vocab_parallel(graph, site)
     with graph.inserting_before(site.anchor):
         new = _NodeMaker(graph, site.anchor)
         hidden = site.hidden

@@ -1,0 +1,316 @@
+"""Vocabulary-sharded classifiers: the loss served by the vocabulary-parallel op.
+
+Under tensor parallelism (``ColwiseParallel`` on the head with
+``loss_parallel()``, or a plain ``F.linear(h, W)`` with ``W`` a DTensor
+``Shard(0)``) every rank holds the whole hidden states and its own rows of the
+classifier.  Where that layout is exactly what
+``cce_inductor.parallel.vocab_parallel_linear_cross_entropy`` takes, the
+matched loss is replaced by one call of ``vocab_parallel_cross_entropy``
+below; its logits, global or local, are never formed.
+
+``plan_for`` decides at match time, from the DTensors' example values, and
+returns a reason where the layout is not one it serves exactly.  The call
+itself unwraps the DTensors (``to_local``), replays the row slices and
+flattens, and calls the public function inside a custom op: AOTAutograd
+cannot trace that function (its target check reads data), so the op is opaque
+to it and its backward recomputes the forward with autograd on the local
+shards.  The loss comes back replicated, wrapped as the DTensor the original
+loss produced.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torch.fx import Graph, Node
+
+if TYPE_CHECKING:
+    from .match import Site
+
+log = logging.getLogger("cce_inductor")
+
+FORMS = ("cross_entropy",)
+
+
+@dataclass(frozen=True)
+class VocabParallelPlan:
+    """How one rank serves a vocabulary-sharded loss; fixed at match time."""
+
+    mesh_dim: int  # the mesh dimension the vocabulary is split over
+    vocab_size: int  # V, the whole vocabulary
+    vocab_start: int  # this rank's first row
+    local_size: int  # this rank's number of rows
+    group_name: str  # the process group of ``mesh_dim``
+    group_size: int
+    wrap_output: bool  # the original loss was a (replicated) DTensor
+
+
+def plan_for(site: Site, classifier: Any) -> tuple[VocabParallelPlan | None, str]:
+    """A plan for ``site``, whose classifier is a vocabulary-sharded DTensor.
+
+    Returns ``(plan, "")``, or ``(None, why)`` where the vocabulary-parallel
+    loss would not compute exactly what the graph does.
+    """
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if site.form not in FORMS:
+        return None, f"the {site.form} form is not served by the vocabulary-parallel loss"
+    if site.weight is not None:
+        return None, "class weights are not supported by the vocabulary-parallel loss"
+    if site.label_smoothing:
+        return None, "label smoothing is not supported by the vocabulary-parallel loss"
+    if site.logsumexp_users:
+        return None, "a logsumexp of the logits is used as well"
+    if not hasattr(torch._C, "_ForceDispatchKeyGuard"):
+        return None, "this torch lacks what the vocabulary-parallel backward needs"
+
+    mesh = classifier.device_mesh
+    vocab_dim = 1 if site.classifier_is_transposed else 0
+    shards = [i for i, p in enumerate(classifier.placements)
+              if type(p) is Shard and p.dim % 2 == vocab_dim]
+    others_replicated = all(isinstance(p, Replicate) for i, p in
+                            enumerate(classifier.placements) if i not in shards)
+    if len(shards) != 1 or not others_replicated:
+        return None, (f"the classifier's placements {tuple(classifier.placements)} are "
+                      "not one vocabulary shard, replicated elsewhere")
+    mesh_dim = shards[0]
+
+    hidden = _value(site.hidden)
+    if not _replicated_on(hidden, mesh, DTensor, Replicate):
+        return None, "the hidden states are not a DTensor replicated on the classifier's mesh"
+    targets = _value(site.targets)
+    if isinstance(targets, DTensor) and not _replicated_on(targets, mesh, DTensor, Replicate):
+        return None, "the targets are a DTensor that is not replicated"
+    if site.bias is not None:
+        bias = _value(site.bias)
+        bias_placements = tuple(Shard(0) if i == mesh_dim else Replicate()
+                                for i in range(mesh.ndim))
+        if not isinstance(bias, DTensor) or bias.device_mesh != mesh or \
+                tuple(bias.placements) != bias_placements:
+            return None, "the bias is not sharded over the vocabulary like the classifier"
+
+    output = _value(site.anchor)
+    wrap_output = isinstance(output, DTensor)
+    if wrap_output and not _replicated_on(output, mesh, DTensor, Replicate):
+        return None, (f"the loss is a DTensor with placements {tuple(output.placements)}, "
+                      "not replicated")
+    if output is None or (site.reduction != "none" and output.dim() != 0):
+        return None, "the loss has no known shape"
+
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        return None, "this rank is not in the classifier's mesh"
+    vocab_size = int(classifier.shape[vocab_dim])
+    group_size = mesh.size(mesh_dim)
+    start, size = shard_range(vocab_size, group_size, coordinate[mesh_dim])
+    local = classifier._local_tensor.shape[vocab_dim]
+    if local != size:
+        return None, (f"this rank holds {local} classifier rows where an even torch.chunk "
+                      f"split gives {size}")
+    group = mesh.get_group(mesh_dim)
+    return VocabParallelPlan(mesh_dim, vocab_size, start, size, group.group_name,
+                             group_size, wrap_output), ""
+
+
+def shard_range(size: int, parts: int, index: int) -> tuple[int, int]:
+    """(start, length) of part ``index`` of ``size`` rows split like ``torch.chunk``.
+
+    This is how DTensor's ``Shard`` lays out a dimension: parts of
+    ``ceil(size / parts)`` rows, the last ones shorter or empty.
+    """
+    chunk = -(-size // parts)
+    start = min(chunk * index, size)
+    return start, max(0, min(size, start + chunk) - start)
+
+
+def rewrite_vocab_parallel(graph: Graph, site: Site) -> None:
+    """Replace ``site``'s loss with one ``vocab_parallel_cross_entropy`` call."""
+    from .rewrite import _erase_unused, _NodeMaker
+
+    plan = site.vocab_parallel
+    with graph.inserting_before(site.anchor):
+        new = _NodeMaker(graph, site.anchor)
+        output = _value(site.anchor)
+        replacement = new.function(
+            vocab_parallel_cross_entropy, site.hidden, site.classifier, site.bias,
+            site.targets, row_ops=tuple(site.row_ops),
+            transposed=site.classifier_is_transposed, compute_dtype=site.compute_dtype,
+            mesh_dim=plan.mesh_dim, vocab_start=plan.vocab_start,
+            local_size=plan.local_size, group_name=plan.group_name,
+            ignore_index=site.ignore_index, reduction=site.reduction,
+            softcap=site.softcap, logit_scale=site.logit_scale,
+            out_dtype=output.dtype, wrap_output=plan.wrap_output)
+    site.anchor.replace_all_uses_with(replacement)
+    anchor_inputs = site.anchor.all_input_nodes
+    graph.erase_node(site.anchor)
+    _erase_unused(graph, anchor_inputs + site.chain)
+    log.info("cce_inductor serves %s at %s with the vocab-parallel loss: V=%d over %d "
+             "ranks, rows [%d, %d) here", site.form, site.source_line(), plan.vocab_size,
+             plan.group_size, plan.vocab_start, plan.vocab_start + plan.local_size)
+
+
+def vocab_parallel_cross_entropy(
+    hidden: Any, classifier: Any, bias: Any, targets: Any, *, row_ops: tuple,
+    transposed: bool, compute_dtype: torch.dtype | None, mesh_dim: int, vocab_start: int,
+    local_size: int, group_name: str, ignore_index: int, reduction: str,
+    softcap: float | None, logit_scale: float, out_dtype: torch.dtype, wrap_output: bool,
+) -> Tensor:
+    """What the rewritten graph calls in place of the loss (one rank's part).
+
+    ``hidden`` (replicated DTensor), ``classifier`` and ``bias`` (DTensors
+    sharded over the vocabulary on ``mesh_dim``) and ``targets`` are the
+    graph's operands; ``row_ops`` are the row slices and flattens the logits
+    went through before the loss.  ``vocab_start`` and ``local_size`` were
+    computed for this rank when the graph was rewritten, and are checked here.
+    """
+    from .match import FLATTEN_ROWS
+
+    mesh = classifier.device_mesh
+    e = _to_local(hidden)
+    for op in row_ops:
+        e = e.flatten(0, -2) if op == FLATTEN_ROWS else operator.getitem(e, op)
+    e = e.reshape(-1, e.shape[-1])
+    c = classifier.to_local()
+    if transposed:
+        c = c.t()
+    b = None if bias is None else bias.to_local()
+    y = _to_local(targets).reshape(-1)
+    if compute_dtype is not None and e.dtype != compute_dtype:  # autocast
+        e, c = e.to(compute_dtype), c.to(compute_dtype)
+        b = None if b is None else b.to(compute_dtype)
+    coordinate = mesh.get_coordinate()
+    expected = shard_range(int(classifier.shape[1 if transposed else 0]),
+                           mesh.size(mesh_dim), coordinate[mesh_dim])
+    if (vocab_start, local_size) != expected or c.shape[0] != local_size:
+        raise RuntimeError(
+            f"cce_inductor: the vocabulary shard of this rank changed since the graph was "
+            f"rewritten (rows [{vocab_start}, {vocab_start + local_size}) then, "
+            f"{expected} and {c.shape[0]} rows now)")
+    loss = torch.ops.cce.vocab_parallel_linear_cross_entropy(
+        e, c, y, b, vocab_start, group_name, ignore_index, reduction, softcap,
+        float(logit_scale))
+    loss = loss.to(out_dtype)
+    if not wrap_output:
+        return loss
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+# --- the op: opaque to tracing, eager inside -----------------------------------------
+
+
+@torch.library.custom_op("cce::vocab_parallel_linear_cross_entropy", mutates_args=())
+def _vp_forward(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
+                vocab_start: int, group_name: str, ignore_index: int, reduction: str,
+                softcap: float | None, logit_scale: float) -> Tensor:
+    from ..parallel import vocab_parallel_linear_cross_entropy
+
+    with torch.no_grad():
+        return vocab_parallel_linear_cross_entropy(
+            e, c, targets, vocab_start=vocab_start, group=_group(group_name),
+            ignore_index=ignore_index, reduction=reduction, softcap=softcap,
+            logit_scale=logit_scale, bias_shard=bias)
+
+
+@_vp_forward.register_fake
+def _(e, c, targets, bias, vocab_start, group_name, ignore_index, reduction, softcap,
+      logit_scale):
+    return e.new_empty(targets.shape if reduction == "none" else ())
+
+
+@torch.library.custom_op("cce::vocab_parallel_linear_cross_entropy_backward",
+                         mutates_args=())
+def _vp_backward(grad: Tensor, e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
+                 vocab_start: int, group_name: str, ignore_index: int, reduction: str,
+                 softcap: float | None, logit_scale: float,
+                 needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """dE, dC, d(bias) (empty where not needed), by recomputing the forward.
+
+    The op runs below autograd; autograd is switched back on for the
+    recomputation, which every rank of the group performs alike.
+    """
+    from ..parallel import vocab_parallel_linear_cross_entropy
+
+    leaves = [t.detach().requires_grad_(need) if t is not None else None
+              for t, need in zip((e, c, bias), needs)]
+    with _autograd_on():
+        loss = vocab_parallel_linear_cross_entropy(
+            leaves[0], leaves[1], targets, vocab_start=vocab_start,
+            group=_group(group_name), ignore_index=ignore_index, reduction=reduction,
+            softcap=softcap, logit_scale=logit_scale, bias_shard=leaves[2])
+        wrt = [t for t in leaves if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(loss, wrt, grad))
+    return tuple(next(grads) if t is not None and t.requires_grad else e.new_empty(0)
+                 for t in leaves)
+
+
+@_vp_backward.register_fake
+def _(grad, e, c, targets, bias, vocab_start, group_name, ignore_index, reduction,
+      softcap, logit_scale, needs):
+    shapes = [t if t is not None and need else None for t, need in zip((e, c, bias), needs)]
+    return tuple(torch.empty_like(t) if t is not None else e.new_empty(0) for t in shapes)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    e, c, targets, bias = inputs[:4]
+    ctx.save_for_backward(e, c, targets, bias)
+    ctx.options = inputs[4:]
+
+
+def _backward(ctx, grad):
+    e, c, targets, bias = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+             bias is not None and ctx.needs_input_grad[3]]
+    grad_e, grad_c, grad_bias = _vp_backward(grad, e, c, targets, bias, *ctx.options, needs)
+    return (grad_e if needs[0] else None, grad_c if needs[1] else None, None,
+            grad_bias if needs[2] else None) + (None,) * len(ctx.options)
+
+
+_vp_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _autograd_on:
+    """Autograd back on inside an op's kernel, which runs below autograd."""
+
+    def __enter__(self) -> None:
+        keys = torch._C.DispatchKey
+        exclude = torch._C._dispatch_tls_local_exclude_set()
+        for key in (keys.AutogradFunctionality, keys.AutogradOther,
+                    keys.AutogradNestedTensor, keys.ADInplaceOrView):
+            exclude = exclude.remove(key)
+        self._guards = [torch._C._ForceDispatchKeyGuard(
+            torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad()]
+        for guard in self._guards:
+            guard.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        for guard in reversed(self._guards):
+            guard.__exit__(*exc)
+
+
+def _group(name: str):
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
+def _to_local(value: Any) -> Tensor:
+    return value.to_local() if hasattr(value, "to_local") else value
+
+
+def _replicated_on(value: Any, mesh: Any, dtensor: type, replicate: type) -> bool:
+    return isinstance(value, dtensor) and value.device_mesh == mesh and \
+        all(isinstance(p, replicate) for p in value.placements)
+
+
+def _value(node: Any) -> Any:
+    if not isinstance(node, Node):
+        return None
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value if isinstance(value, torch.Tensor) else None
