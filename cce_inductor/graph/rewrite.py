@@ -12,7 +12,6 @@ new values and erases the logits chain where nothing else uses it.
 from __future__ import annotations
 
 import contextlib
-import logging
 import operator
 import warnings
 from typing import Any
@@ -24,7 +23,6 @@ from .. import config
 from ..functional import fused_linear_cross_entropy
 from .match import FLATTEN_ROWS, Site
 
-log = logging.getLogger("cce_inductor")
 _warned_dropped_logits = False
 
 
