@@ -21,8 +21,10 @@ logits block by block and forms its own slice of the gradient with respect to
 the logits, which gives its dC and d(bias) slices without communication; dE
 is the sum of every rank's ``dz @ c_shard`` and takes one all-reduce.
 
-Collectives come from ``torch.distributed._functional_collectives``, which
-run eagerly and are also understood by torch.compile.
+Forward and backward are two opaque custom ops
+(``cce::vocab_parallel_linear_cross_entropy`` and ``..._backward``), so the
+public function compiles under torch.compile without tracing into the
+collectives or the data-dependent target check.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 from .kernels import chunked
 from .op import REDUCTIONS, check_inputs, refuse_bad_targets
@@ -123,8 +126,9 @@ def vocab_parallel_linear_cross_entropy(
     spec = chunked.LossSpec(int(ignore_index), reduction, float(label_smoothing), softcap,
                             float(logit_scale))
     group = dist.group.WORLD if group is None else group
-    loss = _VocabParallelCrossEntropy.apply(e2, c_shard, t1, bias_shard, weight,
-                                            vocab_start, vocab, group, spec)
+    loss, _ = vocab_parallel_op(e2, c_shard, t1, bias_shard, weight, vocab_start, vocab,
+                                group.group_name, spec.ignore_index, reduction,
+                                spec.label_smoothing, softcap, spec.logit_scale)
     loss = loss.to(e.dtype)
     return loss.view(targets.shape) if reduction == "none" else loss
 
@@ -149,84 +153,135 @@ def _all_reduce(t: Tensor, op: str, group: dist.ProcessGroup) -> Tensor:
     return funcol.wait_tensor(funcol.all_reduce(t, op, group))
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
-                weight: Tensor | None, vocab_start: int, vocab: int,
-                group: dist.ProcessGroup, spec: chunked.LossSpec) -> Tensor:
-        shard = _Shard(e, c, bias, targets, weight, vocab_start, vocab, spec)
-        smoothing = spec.label_smoothing > 0
-        rows = e.shape[0]
-        local_max = e.new_full((rows,), float("-inf"), dtype=torch.float32)
-        local_sum = e.new_zeros(rows, dtype=torch.float32)
-        target_logit = e.new_zeros(rows, dtype=torch.float32)
-        weighted_sum = e.new_zeros(rows, dtype=torch.float32)
-        if shard.vocab > 0:
-            for block in shard.blocks():
-                z, _ = shard.logits(block)
-                picked = z.gather(1, shard.local_targets[block, None]).squeeze(1)
-                target_logit[block] = torch.where(shard.owned[block], picked, 0.0)
-                if smoothing:
-                    weighted_sum[block] = (z.sum(1) if shard.local_weight is None
-                                           else z @ shard.local_weight)
-                block_max = local_max[block] = z.amax(1)
-                local_sum[block] = z.sub_(block_max[:, None]).exp_().sum(1)
+def _spec(ignore_index: int, reduction: str, label_smoothing: float, softcap: float | None,
+          logit_scale: float) -> chunked.LossSpec:
+    return chunked.LossSpec(ignore_index, reduction, label_smoothing, softcap, logit_scale)
 
-        global_max = _all_reduce(local_max, "max", group)
-        # The sum of exponentials, the target logit, how many ranks own each
-        # target and the weighted sum all add up over ranks: one all-reduce.
-        stacked = torch.stack([local_sum * (local_max - global_max).exp(), target_logit,
-                               shard.owned.float(), weighted_sum])
-        summed = _all_reduce(stacked, "sum", group)
-        lse = global_max + summed[0].log()
-        _check_ownership(shard.terms.valid, summed[2], targets, spec.ignore_index)
 
-        row_loss = chunked.row_loss(shard.terms, spec, vocab, lse, summed[1],
-                                    summed[3] if smoothing else None)
-        ctx.save_for_backward(e, c, targets, bias, weight, lse)
-        ctx.vocab_start, ctx.group, ctx.spec, ctx.vocab = vocab_start, group, spec, vocab
-        return chunked.reduce_rows(row_loss, shard.terms, spec.reduction)
+@torch.library.custom_op("cce::vocab_parallel_linear_cross_entropy", mutates_args=())
+def vocab_parallel_op(
+    e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None, weight: Tensor | None,
+    vocab_start: int, vocab: int, group_name: str, ignore_index: int, reduction: str,
+    label_smoothing: float, softcap: float | None, logit_scale: float,
+) -> tuple[Tensor, Tensor]:
+    """One rank's part of the loss: (float32 loss, float32 per-row lse).
 
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor):
-        e, c, targets, bias, weight, lse = ctx.saved_tensors
-        spec = ctx.spec
-        shard = _Shard(e, c, bias, targets, weight, ctx.vocab_start, ctx.vocab, spec)
-        need_e, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_bias = bias is not None and ctx.needs_input_grad[3]
-        terms, s = shard.terms, spec.label_smoothing
-        grad_row = terms.upstream(grad_loss, spec.reduction)
-        # d loss_i / d z_ij = a_i p_ij - (1 - s) w_y [j == y] - (s / V) w_j.
-        softmax_coeff = grad_row * (1 - s) * terms.target_weight
-        if s > 0:
-            softmax_coeff = softmax_coeff + grad_row * (s * terms.weight_total / ctx.vocab)
-        onehot = torch.where(shard.owned, grad_row * (1 - s) * terms.target_weight, 0.0)
+    An opaque op, so that torch.compile traces through the public function
+    (the collectives and the data-dependent target check run inside).
+    """
+    spec = _spec(ignore_index, reduction, label_smoothing, softcap, logit_scale)
+    group = _resolve_process_group(group_name)
+    shard = _Shard(e, c, bias, targets, weight, vocab_start, vocab, spec)
+    smoothing = spec.label_smoothing > 0
+    rows = e.shape[0]
+    local_max = e.new_full((rows,), float("-inf"), dtype=torch.float32)
+    local_sum = e.new_zeros(rows, dtype=torch.float32)
+    target_logit = e.new_zeros(rows, dtype=torch.float32)
+    weighted_sum = e.new_zeros(rows, dtype=torch.float32)
+    if shard.vocab > 0:
+        for block in shard.blocks():
+            z, _ = shard.logits(block)
+            picked = z.gather(1, shard.local_targets[block, None]).squeeze(1)
+            target_logit[block] = torch.where(shard.owned[block], picked, 0.0)
+            if smoothing:
+                weighted_sum[block] = (z.sum(1) if shard.local_weight is None
+                                       else z @ shard.local_weight)
+            block_max = local_max[block] = z.amax(1)
+            local_sum[block] = z.sub_(block_max[:, None]).exp_().sum(1)
 
-        # dE is needed on every rank even when this one holds no classes,
-        # since every rank takes part in its all-reduce.
-        grad_e = torch.zeros_like(shard.e) if need_e else None
-        grad_c = torch.zeros_like(shard.c) if need_c else None
-        grad_bias = torch.zeros_like(shard.bias) if need_bias else None
-        if shard.vocab > 0:
-            for block in shard.blocks():
-                z, tanh_u = shard.logits(block)
-                g = z.sub_(lse[block, None]).exp_().mul_(softmax_coeff[block, None])
-                g.scatter_add_(1, shard.local_targets[block, None], -onehot[block, None])
-                if s > 0:
-                    w = 1.0 if shard.local_weight is None else shard.local_weight[None, :]
-                    g -= (grad_row[block] * (s / ctx.vocab))[:, None] * w
-                g = shard.through_softcap_and_scale(g, tanh_u)
-                if grad_e is not None:
-                    torch.mm(g, shard.c, out=grad_e[block])
-                if grad_c is not None:
-                    grad_c.addmm_(g.T, shard.e[block])
-                if grad_bias is not None:
-                    grad_bias += g.sum(0)
-        if grad_e is not None:
-            grad_e = _all_reduce(grad_e, "sum", ctx.group).to(e.dtype)
-        return (grad_e, None if grad_c is None else grad_c.to(c.dtype), None,
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None,
-                None, None)
+    global_max = _all_reduce(local_max, "max", group)
+    # The sum of exponentials, the target logit, how many ranks own each
+    # target and the weighted sum all add up over ranks: one all-reduce.
+    stacked = torch.stack([local_sum * (local_max - global_max).exp(), target_logit,
+                           shard.owned.float(), weighted_sum])
+    summed = _all_reduce(stacked, "sum", group)
+    lse = global_max + summed[0].log()
+    _check_ownership(shard.terms.valid, summed[2], targets, spec.ignore_index)
+    row_loss = chunked.row_loss(shard.terms, spec, vocab, lse, summed[1],
+                                summed[3] if smoothing else None)
+    return chunked.reduce_rows(row_loss, shard.terms, spec.reduction), lse
+
+
+@vocab_parallel_op.register_fake
+def _(e, c, targets, bias, weight, vocab_start, vocab, group_name, ignore_index, reduction,
+      label_smoothing, softcap, logit_scale):
+    rows = e.shape[0]
+    loss = e.new_empty((rows,) if reduction == "none" else (), dtype=torch.float32)
+    return loss, e.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("cce::vocab_parallel_linear_cross_entropy_backward",
+                         mutates_args=())
+def vocab_parallel_backward_op(
+    grad_loss: Tensor, e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
+    weight: Tensor | None, lse: Tensor, vocab_start: int, vocab: int, group_name: str,
+    ignore_index: int, reduction: str, label_smoothing: float, softcap: float | None,
+    logit_scale: float, needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dE (summed over ranks), this rank's dC and d(bias); empty where not needed."""
+    spec = _spec(ignore_index, reduction, label_smoothing, softcap, logit_scale)
+    shard = _Shard(e, c, bias, targets, weight, vocab_start, vocab, spec)
+    need_e, need_c, need_bias = needs[0], needs[1], needs[2] and bias is not None
+    terms, s = shard.terms, spec.label_smoothing
+    grad_row = terms.upstream(grad_loss, spec.reduction)
+    # d loss_i / d z_ij = a_i p_ij - (1 - s) w_y [j == y] - (s / V) w_j.
+    softmax_coeff = grad_row * (1 - s) * terms.target_weight
+    if s > 0:
+        softmax_coeff = softmax_coeff + grad_row * (s * terms.weight_total / vocab)
+    onehot = torch.where(shard.owned, grad_row * (1 - s) * terms.target_weight, 0.0)
+
+    # dE is needed on every rank even when this one holds no classes,
+    # since every rank takes part in its all-reduce.
+    grad_e = torch.zeros_like(shard.e) if need_e else None
+    grad_c = torch.zeros_like(shard.c) if need_c else None
+    grad_bias = torch.zeros_like(shard.bias) if need_bias else None
+    if shard.vocab > 0:
+        for block in shard.blocks():
+            z, tanh_u = shard.logits(block)
+            g = z.sub_(lse[block, None]).exp_().mul_(softmax_coeff[block, None])
+            g.scatter_add_(1, shard.local_targets[block, None], -onehot[block, None])
+            if s > 0:
+                w = 1.0 if shard.local_weight is None else shard.local_weight[None, :]
+                g -= (grad_row[block] * (s / vocab))[:, None] * w
+            g = shard.through_softcap_and_scale(g, tanh_u)
+            if grad_e is not None:
+                torch.mm(g, shard.c, out=grad_e[block])
+            if grad_c is not None:
+                grad_c.addmm_(g.T, shard.e[block])
+            if grad_bias is not None:
+                grad_bias += g.sum(0)
+    if grad_e is not None:
+        grad_e = _all_reduce(grad_e, "sum", _resolve_process_group(group_name))
+    return (e.new_empty(0) if grad_e is None else grad_e.to(e.dtype),
+            e.new_empty(0) if grad_c is None else grad_c.to(c.dtype),
+            e.new_empty(0) if grad_bias is None else grad_bias.to(bias.dtype))
+
+
+@vocab_parallel_backward_op.register_fake
+def _(grad_loss, e, c, targets, bias, weight, lse, vocab_start, vocab, group_name,
+      ignore_index, reduction, label_smoothing, softcap, logit_scale, needs):
+    return (torch.empty_like(e) if needs[0] else e.new_empty(0),
+            torch.empty_like(c) if needs[1] else e.new_empty(0),
+            torch.empty_like(bias) if needs[2] and bias is not None else e.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    e, c, targets, bias, weight = inputs[:5]
+    ctx.save_for_backward(e, c, targets, bias, weight, output[1])
+    ctx.options = inputs[5:]
+
+
+def _backward(ctx, grad_loss, grad_lse):
+    e, c, targets, bias, weight, lse = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+             bias is not None and ctx.needs_input_grad[3]]
+    grads = vocab_parallel_backward_op(grad_loss, e, c, targets, bias, weight, lse,
+                                       *ctx.options, needs)
+    grad_e, grad_c, grad_bias = (g if need else None for g, need in zip(grads, needs))
+    return (grad_e, grad_c, None, grad_bias, None) + (None,) * len(ctx.options)
+
+
+vocab_parallel_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_ownership(valid: Tensor, owners: Tensor, targets: Tensor,

@@ -11,11 +11,9 @@ below; its logits, global or local, are never formed.
 ``plan_for`` decides at match time, from the DTensors' example values, and
 returns a reason where the layout is not one it serves exactly.  The call
 itself unwraps the DTensors (``to_local``), replays the row slices and
-flattens, and calls the public function inside a custom op: AOTAutograd
-cannot trace that function (its target check reads data), so the op is opaque
-to it and its backward recomputes the forward with autograd on the local
-shards.  The loss comes back replicated, wrapped as the DTensor the original
-loss produced.
+flattens, and calls ``cce::vocab_parallel_linear_cross_entropy`` (an opaque
+custom op with its own backward op, in ``cce_inductor/parallel.py``).  The
+loss comes back replicated, wrapped as the DTensor the original loss produced.
 """
 
 from __future__ import annotations
@@ -66,8 +64,6 @@ def plan_for(site: Site, classifier: Any) -> tuple[VocabParallelPlan | None, str
         return None, "label smoothing is not supported by the vocabulary-parallel loss"
     if site.logsumexp_users:
         return None, "a logsumexp of the logits is used as well"
-    if not hasattr(torch._C, "_ForceDispatchKeyGuard"):
-        return None, "this torch lacks what the vocabulary-parallel backward needs"
 
     mesh = classifier.device_mesh
     vocab_dim = 1 if site.classifier_is_transposed else 0
@@ -140,7 +136,7 @@ def rewrite_vocab_parallel(graph: Graph, site: Site) -> None:
             vocab_parallel_cross_entropy, site.hidden, site.classifier, site.bias,
             site.targets, row_ops=tuple(site.row_ops),
             transposed=site.classifier_is_transposed, compute_dtype=site.compute_dtype,
-            mesh_dim=plan.mesh_dim, vocab_start=plan.vocab_start,
+            mesh_dim=plan.mesh_dim, vocab_start=plan.vocab_start, vocab_size=plan.vocab_size,
             local_size=plan.local_size, group_name=plan.group_name,
             ignore_index=site.ignore_index, reduction=site.reduction,
             softcap=site.softcap, logit_scale=site.logit_scale,
@@ -157,7 +153,7 @@ def rewrite_vocab_parallel(graph: Graph, site: Site) -> None:
 def vocab_parallel_cross_entropy(
     hidden: Any, classifier: Any, bias: Any, targets: Any, *, row_ops: tuple,
     transposed: bool, compute_dtype: torch.dtype | None, mesh_dim: int, vocab_start: int,
-    local_size: int, group_name: str, ignore_index: int, reduction: str,
+    vocab_size: int, local_size: int, group_name: str, ignore_index: int, reduction: str,
     softcap: float | None, logit_scale: float, out_dtype: torch.dtype, wrap_output: bool,
 ) -> Tensor:
     """What the rewritten graph calls in place of the loss (one rank's part).
@@ -168,6 +164,7 @@ def vocab_parallel_cross_entropy(
     went through before the loss.  ``vocab_start`` and ``local_size`` were
     computed for this rank when the graph was rewritten, and are checked here.
     """
+    from ..parallel import vocab_parallel_op
     from .match import FLATTEN_ROWS
 
     mesh = classifier.device_mesh
@@ -191,107 +188,14 @@ def vocab_parallel_cross_entropy(
             f"cce_inductor: the vocabulary shard of this rank changed since the graph was "
             f"rewritten (rows [{vocab_start}, {vocab_start + local_size}) then, "
             f"{expected} and {c.shape[0]} rows now)")
-    loss = torch.ops.cce.vocab_parallel_linear_cross_entropy(
-        e, c, y, b, vocab_start, group_name, ignore_index, reduction, softcap,
-        float(logit_scale))
+    loss, _ = vocab_parallel_op(e, c, y, b, None, vocab_start, vocab_size, group_name,
+                                ignore_index, reduction, 0.0, softcap, float(logit_scale))
     loss = loss.to(out_dtype)
     if not wrap_output:
         return loss
     from torch.distributed.tensor import DTensor, Replicate
 
     return DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)
-
-
-# --- the op: opaque to tracing, eager inside -----------------------------------------
-
-
-@torch.library.custom_op("cce::vocab_parallel_linear_cross_entropy", mutates_args=())
-def _vp_forward(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
-                vocab_start: int, group_name: str, ignore_index: int, reduction: str,
-                softcap: float | None, logit_scale: float) -> Tensor:
-    from ..parallel import vocab_parallel_linear_cross_entropy
-
-    with torch.no_grad():
-        return vocab_parallel_linear_cross_entropy(
-            e, c, targets, vocab_start=vocab_start, group=_group(group_name),
-            ignore_index=ignore_index, reduction=reduction, softcap=softcap,
-            logit_scale=logit_scale, bias_shard=bias)
-
-
-@_vp_forward.register_fake
-def _(e, c, targets, bias, vocab_start, group_name, ignore_index, reduction, softcap,
-      logit_scale):
-    return e.new_empty(targets.shape if reduction == "none" else ())
-
-
-@torch.library.custom_op("cce::vocab_parallel_linear_cross_entropy_backward",
-                         mutates_args=())
-def _vp_backward(grad: Tensor, e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
-                 vocab_start: int, group_name: str, ignore_index: int, reduction: str,
-                 softcap: float | None, logit_scale: float,
-                 needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    """dE, dC, d(bias) (empty where not needed), by recomputing the forward.
-
-    The op runs below autograd; autograd is switched back on for the
-    recomputation, which every rank of the group performs alike.
-    """
-    from ..parallel import vocab_parallel_linear_cross_entropy
-
-    leaves = [t.detach().requires_grad_(need) if t is not None else None
-              for t, need in zip((e, c, bias), needs)]
-    with _autograd_on():
-        loss = vocab_parallel_linear_cross_entropy(
-            leaves[0], leaves[1], targets, vocab_start=vocab_start,
-            group=_group(group_name), ignore_index=ignore_index, reduction=reduction,
-            softcap=softcap, logit_scale=logit_scale, bias_shard=leaves[2])
-        wrt = [t for t in leaves if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(loss, wrt, grad))
-    return tuple(next(grads) if t is not None and t.requires_grad else e.new_empty(0)
-                 for t in leaves)
-
-
-@_vp_backward.register_fake
-def _(grad, e, c, targets, bias, vocab_start, group_name, ignore_index, reduction,
-      softcap, logit_scale, needs):
-    shapes = [t if t is not None and need else None for t, need in zip((e, c, bias), needs)]
-    return tuple(torch.empty_like(t) if t is not None else e.new_empty(0) for t in shapes)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    e, c, targets, bias = inputs[:4]
-    ctx.save_for_backward(e, c, targets, bias)
-    ctx.options = inputs[4:]
-
-
-def _backward(ctx, grad):
-    e, c, targets, bias = ctx.saved_tensors
-    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-             bias is not None and ctx.needs_input_grad[3]]
-    grad_e, grad_c, grad_bias = _vp_backward(grad, e, c, targets, bias, *ctx.options, needs)
-    return (grad_e if needs[0] else None, grad_c if needs[1] else None, None,
-            grad_bias if needs[2] else None) + (None,) * len(ctx.options)
-
-
-_vp_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _autograd_on:
-    """Autograd back on inside an op's kernel, which runs below autograd."""
-
-    def __enter__(self) -> None:
-        keys = torch._C.DispatchKey
-        exclude = torch._C._dispatch_tls_local_exclude_set()
-        for key in (keys.AutogradFunctionality, keys.AutogradOther,
-                    keys.AutogradNestedTensor, keys.ADInplaceOrView):
-            exclude = exclude.remove(key)
-        self._guards = [torch._C._ForceDispatchKeyGuard(
-            torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad()]
-        for guard in self._guards:
-            guard.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        for guard in reversed(self._guards):
-            guard.__exit__(*exc)
 
 
 def _group(name: str):
