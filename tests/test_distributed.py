@@ -429,3 +429,28 @@ def test_shard_range_splits_like_dtensor():
                 length, offset = Shard.local_shard_size_and_offset(size, parts, index)
                 assert shard_range(size, parts, index) == (offset, length), \
                     (size, parts, index)
+
+
+def test_vocab_parallel_ops_pass_opcheck(tmp_path):
+    """The two custom ops behind the vocabulary-parallel loss, on a 1-rank group."""
+    from cce_inductor.parallel import vocab_parallel_backward_op, vocab_parallel_op
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        name = dist.group.WORLD.group_name
+        gen = torch.Generator().manual_seed(0)
+        e, c = torch.randn(7, 5, generator=gen), torch.randn(11, 5, generator=gen)
+        b, w = torch.randn(11, generator=gen), torch.rand(11, generator=gen) + 0.1
+        y = torch.randint(0, 11, (7,), generator=gen)
+        for reduction, smoothing in (("mean", 0.1), ("none", 0.0), ("sum", 0.3)):
+            options = (0, 11, name, -100, reduction, smoothing, 2.0, 0.5)
+            torch.library.opcheck(vocab_parallel_op, (e.requires_grad_(), c, y, b, w,
+                                                      *options))
+            _, lse = vocab_parallel_op(e.detach(), c, y, b, w, *options)
+            grad = torch.randn(7 if reduction == "none" else (), generator=gen)
+            torch.library.opcheck(vocab_parallel_backward_op,
+                                  (grad, e.detach(), c, y, b, w, lse, *options,
+                                   [True, True, True]))
+    finally:
+        dist.destroy_process_group()
