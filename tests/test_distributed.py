@@ -330,12 +330,13 @@ TP_CASES = {
     "uneven_rows_3d_none": {"vocab": 37, "lead": (2, 5), "reduction": "none",
                             "ignored": 0.2},
     "ragged_ignore_index_7": {"vocab": 3, "ignore_index": 7, "ignored": 0.3},
+    "class_weight": {"vocab": 37, "class_weight": True, "ignored": 0.2},
 }
 
 
 def _linear_case(mesh, name: str, *, vocab: int, lead=(10,), bias=False, scale=1.0,
                  softcap=None, reduction="mean", ignored=0.0, ignore_index=-100,
-                 class_weight=False, rewritten=True) -> None:
+                 class_weight=False, z_loss=False, rewritten=True) -> None:
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import loss_parallel
 
@@ -362,8 +363,9 @@ def _linear_case(mesh, name: str, *, vocab: int, lead=(10,), bias=False, scale=1
         z = F.linear(h, c, b) * scale
         if softcap is not None:
             z = softcap * torch.tanh(z / softcap)
-        return F.cross_entropy(z.view(-1, vocab), y.view(-1), ignore_index=ignore_index,
+        loss = F.cross_entropy(z.view(-1, vocab), y.view(-1), ignore_index=ignore_index,
                                reduction=reduction, weight=w)
+        return loss + 1e-2 * torch.logsumexp(z, -1).pow(2).mean() if z_loss else loss
 
     torch._dynamo.reset()  # each case's constants stay constants, not graph inputs
     compiled = torch.compile(loss_fn, backend=make_backend(FAST_BACKEND))
@@ -377,7 +379,10 @@ def _linear_case(mesh, name: str, *, vocab: int, lead=(10,), bias=False, scale=1
     h64, c64, b64 = (None if t is None else t.double().requires_grad_() for t in (h, c, b))
     ref = reference_loss(h64, c64, y, bias=b64, ignore_index=ignore_index,
                          reduction=reduction, weight=None if w is None else w.double(),
-                         softcap=softcap, logit_scale=scale).reshape(loss.shape)
+                         softcap=softcap, logit_scale=scale, return_lse=z_loss)
+    if z_loss:
+        ref = ref[0] + 1e-2 * ref[1].pow(2).mean()
+    ref = ref.reshape(loss.shape)
     wrt = [h64, c64] + ([b64] if bias else [])
     ref_grads = torch.autograd.grad((ref * upstream).sum(), wrt)
     torch.testing.assert_close(loss.to_local().double(), ref, rtol=1e-5, atol=1e-6,
@@ -405,16 +410,16 @@ def _tensor_parallel_worker(rank: int) -> None:
 
     # What the vocabulary-parallel loss does not take stays with loss_parallel().
     log = _Rewrites()
-    _linear_case(mesh, "class_weight", vocab=37, class_weight=True, rewritten=False)
-    assert any("DTensor sharded over the vocabulary" in m and "class weights" in m
+    _linear_case(mesh, "z_loss", vocab=37, z_loss=True, rewritten=False)
+    assert any("DTensor sharded over the vocabulary" in m and "logsumexp" in m
                for m in log.messages), log.messages
 
 
 def test_tensor_parallel_vocab_sharded_classifier_served():
     """ColwiseParallel + loss_parallel(), and F.linear on a Shard(0) DTensor: the loss
     is rewritten to the vocabulary-parallel one and matches float64 (loss, dh, each
-    rank's dC and d(bias) rows), even, uneven and ragged shards; a class weight is
-    left to loss_parallel()."""
+    rank's dC and d(bias) rows), even, uneven and ragged shards, a class weight; a
+    z-loss on the same logits is left to loss_parallel()."""
     spawn("_tensor_parallel_worker")
 
 

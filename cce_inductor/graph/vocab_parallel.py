@@ -58,8 +58,6 @@ def plan_for(site: Site, classifier: Any) -> tuple[VocabParallelPlan | None, str
 
     if site.form not in FORMS:
         return None, f"the {site.form} form is not served by the vocabulary-parallel loss"
-    if site.weight is not None:
-        return None, "class weights are not supported by the vocabulary-parallel loss"
     if site.label_smoothing:
         return None, "label smoothing is not supported by the vocabulary-parallel loss"
     if site.logsumexp_users:
@@ -89,6 +87,12 @@ def plan_for(site: Site, classifier: Any) -> tuple[VocabParallelPlan | None, str
         if not isinstance(bias, DTensor) or bias.device_mesh != mesh or \
                 tuple(bias.placements) != bias_placements:
             return None, "the bias is not sharded over the vocabulary like the classifier"
+
+    if site.weight is not None:
+        weight = _value(site.weight)
+        if weight is None or (isinstance(weight, DTensor) and
+                              not _replicated_on(weight, mesh, DTensor, Replicate)):
+            return None, "the class weight is a DTensor that is not replicated"
 
     output = _value(site.anchor)
     wrap_output = isinstance(output, DTensor)
@@ -134,7 +138,7 @@ def rewrite_vocab_parallel(graph: Graph, site: Site) -> None:
         output = _value(site.anchor)
         replacement = new.function(
             vocab_parallel_cross_entropy, site.hidden, site.classifier, site.bias,
-            site.targets, row_ops=tuple(site.row_ops),
+            site.targets, site.weight, row_ops=tuple(site.row_ops),
             transposed=site.classifier_is_transposed, compute_dtype=site.compute_dtype,
             mesh_dim=plan.mesh_dim, vocab_start=plan.vocab_start, vocab_size=plan.vocab_size,
             local_size=plan.local_size, group_name=plan.group_name,
@@ -151,7 +155,7 @@ def rewrite_vocab_parallel(graph: Graph, site: Site) -> None:
 
 
 def vocab_parallel_cross_entropy(
-    hidden: Any, classifier: Any, bias: Any, targets: Any, *, row_ops: tuple,
+    hidden: Any, classifier: Any, bias: Any, targets: Any, weight: Any, *, row_ops: tuple,
     transposed: bool, compute_dtype: torch.dtype | None, mesh_dim: int, vocab_start: int,
     vocab_size: int, local_size: int, group_name: str, ignore_index: int, reduction: str,
     softcap: float | None, logit_scale: float, out_dtype: torch.dtype, wrap_output: bool,
@@ -159,9 +163,9 @@ def vocab_parallel_cross_entropy(
     """What the rewritten graph calls in place of the loss (one rank's part).
 
     ``hidden`` (replicated DTensor), ``classifier`` and ``bias`` (DTensors
-    sharded over the vocabulary on ``mesh_dim``) and ``targets`` are the
-    graph's operands; ``row_ops`` are the row slices and flattens the logits
-    went through before the loss.  ``vocab_start`` and ``local_size`` were
+    sharded over the vocabulary on ``mesh_dim``), ``targets`` and the class
+    ``weight`` (whole, or None) are the graph's operands; ``row_ops`` are the
+    row slices and flattens the logits went through before the loss.  ``vocab_start`` and ``local_size`` were
     computed for this rank when the graph was rewritten, and are checked here.
     """
     from ..parallel import vocab_parallel_op
@@ -188,7 +192,8 @@ def vocab_parallel_cross_entropy(
             f"cce_inductor: the vocabulary shard of this rank changed since the graph was "
             f"rewritten (rows [{vocab_start}, {vocab_start + local_size}) then, "
             f"{expected} and {c.shape[0]} rows now)")
-    loss, _ = vocab_parallel_op(e, c, y, b, None, vocab_start, vocab_size, group_name,
+    w = None if weight is None else _to_local(weight)
+    loss, _ = vocab_parallel_op(e, c, y, b, w, vocab_start, vocab_size, group_name,
                                 ignore_index, reduction, 0.0, softcap, float(logit_scale))
     loss = loss.to(out_dtype)
     if not wrap_output:
