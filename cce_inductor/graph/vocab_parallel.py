@@ -165,8 +165,9 @@ def vocab_parallel_cross_entropy(
     ``hidden`` (replicated DTensor), ``classifier`` and ``bias`` (DTensors
     sharded over the vocabulary on ``mesh_dim``), ``targets`` and the class
     ``weight`` (whole, or None) are the graph's operands; ``row_ops`` are the
-    row slices and flattens the logits went through before the loss.  ``vocab_start`` and ``local_size`` were
-    computed for this rank when the graph was rewritten, and are checked here.
+    row slices and flattens the logits went through before the loss.
+    ``vocab_start`` and ``local_size`` were computed for this rank when the
+    graph was rewritten, and are checked here.
     """
     from ..parallel import vocab_parallel_op
     from .match import FLATTEN_ROWS
