@@ -274,14 +274,13 @@ def test_ddp_compiled_with_cce_matches_single_process():
 def _fsdp_worker(rank: int) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    from cce_inductor import make_backend
 
     log = _Rewrites()
     model, x, y = _model_and_batch()
     ref_loss, ref_grads = _float64_reference(model, x, y)
     fully_shard(model.hidden)
     fully_shard(model)
-    compiled = torch.compile(model, backend=make_backend(FAST_BACKEND))
+    compiled = torch.compile(model, backend="cce")
     loss = compiled(*_local_batch(rank, x, y))
     loss.backward()
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
