@@ -94,6 +94,33 @@ def _grad_tile(e_ptr, c_ptr, bias_ptr, weight_ptr, targets_ptr, lse_ptr, coeff_p
     return g * logit_scale, keep
 
 
+@triton.jit
+def _add_product(out_rows, out_mask, lhs, src_rows, src_mask, stride_src_d, D,
+                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """out[r, :] += lhs @ src, one BLOCK_D slice of D at a time.
+
+    ``out_rows`` points at the fp32 output rows (contiguous over D, masked by
+    ``out_mask``), ``src_rows`` at the source rows (stride ``stride_src_d``
+    over D, masked by ``src_mask``).  Each program is the only writer of its
+    output rows, so the read-modify-write needs no atomics.
+    """
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        dim_mask = dims < D
+        src = tl.load(src_rows + dims[None, :] * stride_src_d,
+                      mask=src_mask[:, None] & dim_mask[None, :], other=0.0)
+        if UPCAST:
+            src = src.to(tl.float32)
+        mask = out_mask[:, None] & dim_mask[None, :]
+        acc = tl.load(out_rows + dims[None, :], mask=mask, other=0.0)
+        acc = tl.dot(lhs, src, acc, input_precision=DOT_PRECISION)
+        tl.store(out_rows + dims[None, :], acc, mask=mask)
+    # Makes these stores visible to every thread of the program before the
+    # next tile reads them back, whatever the layouts.
+    tl.debug_barrier()
+
+
 @triton.autotune(configs=autotune_configs(_GRAD_GPU_CONFIGS), key=["V", "D"],
                  reset_to_zero=["grad_e_ptr"])
 @triton.jit
@@ -121,21 +148,8 @@ def _grad_e_kernel(e_ptr, c_ptr, bias_ptr, weight_ptr, targets_ptr, lse_ptr, coe
             if UPCAST:
                 g = g.to(tl.float32)
             c_rows = c_ptr + cols.to(tl.int64)[:, None] * stride_cv
-            col_mask = cols < V
-            for d0 in range(0, D, BLOCK_D):
-                dims = d0 + tl.arange(0, BLOCK_D)
-                dim_mask = dims < D
-                c_tile = tl.load(c_rows + dims[None, :] * stride_cd,
-                                 mask=col_mask[:, None] & dim_mask[None, :], other=0.0)
-                if UPCAST:
-                    c_tile = c_tile.to(tl.float32)
-                out_mask = row_mask[:, None] & dim_mask[None, :]
-                acc = tl.load(out_rows + dims[None, :], mask=out_mask, other=0.0)
-                acc = tl.dot(g, c_tile, acc, input_precision=DOT_PRECISION)
-                tl.store(out_rows + dims[None, :], acc, mask=out_mask)
-            # Makes this tile's stores visible to every thread of the program
-            # before the next tile reads them back, whatever the layouts.
-            tl.debug_barrier()
+            _add_product(out_rows, row_mask, g, c_rows, cols < V, stride_cd, D, UPCAST,
+                         DOT_PRECISION, BLOCK_D)
 
 
 @triton.autotune(configs=autotune_configs(_GRAD_GPU_CONFIGS), key=["V", "D"],
@@ -171,19 +185,8 @@ def _grad_c_kernel(e_ptr, c_ptr, bias_ptr, weight_ptr, targets_ptr, lse_ptr, coe
                 if UPCAST:
                     g_t = g_t.to(tl.float32)
                 e_rows = e_ptr + rows.to(tl.int64)[:, None] * stride_en
-                row_mask = rows < N
-                for d0 in range(0, D, BLOCK_D):
-                    dims = d0 + tl.arange(0, BLOCK_D)
-                    dim_mask = dims < D
-                    e_tile = tl.load(e_rows + dims[None, :] * stride_ed,
-                                     mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
-                    if UPCAST:
-                        e_tile = e_tile.to(tl.float32)
-                    out_mask = col_mask[:, None] & dim_mask[None, :]
-                    acc = tl.load(out_cols + dims[None, :], mask=out_mask, other=0.0)
-                    acc = tl.dot(g_t, e_tile, acc, input_precision=DOT_PRECISION)
-                    tl.store(out_cols + dims[None, :], acc, mask=out_mask)
-                tl.debug_barrier()
+                _add_product(out_cols, col_mask, g_t, e_rows, rows < N, stride_ed, D,
+                             UPCAST, DOT_PRECISION, BLOCK_D)
     if NEED_BIAS:
         tl.store(grad_bias_ptr + cols, bias_acc, mask=col_mask)
 
