@@ -95,10 +95,56 @@ def test_odd_shapes(n, d, v):
                             {"label_smoothing": 0.1, "softcap": 3.0})
 
 
+@pytest.mark.parametrize("case", [k for k, o in OPTION_CASES.items()
+                                  if o.get("reduction") != "none"], ids=str)
+def test_gradients_formed_in_the_forward(case):
+    """A scalar loss without ``return_lse`` has its gradients formed in the
+    forward on the CPU; ``.backward()`` hands them over."""
+    options = dict(OPTION_CASES[case])
+    bias, weight = options.pop("bias", False), options.pop("weight", False)
+    e, c, targets, b, w = make_inputs(21, 13, 83, bias=bias, weight=weight,
+                                      ignore_index=options.get("ignore_index", -100))
+    linear_cross_entropy(e, c, targets, bias=b, weight=w, **options).backward()
+    leaves = [t for t in (e, c, b) if t is not None]
+    leaves64 = [float64_leaf(t) for t in leaves]
+    reference_loss(*leaves64[:2], targets, bias=leaves64[2] if b is not None else None,
+                   weight=None if w is None else w.double(), **options).backward()
+    for t, t64 in zip(leaves, leaves64):
+        scale = t64.grad.abs().max()
+        torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_softmax_in_place_matches_out_of_place():
+    """The CPU path relies on ``torch.softmax(z, 1, out=z)`` being exact."""
+    from cce_inductor.kernels.chunked import softmax_
+    z = torch.randn(37, 5003, generator=torch.Generator().manual_seed(3)) * 9.0
+    expected = torch.softmax(z, 1)
+    assert torch.equal(softmax_(z.clone()), expected)
+
+
+def test_target_probability_below_float32_range():
+    """Rows whose target probability underflows (loss above ~90) take the
+    exact route to their lse, mixed with ordinary rows in one block."""
+    e, c, targets, _, _ = make_inputs(16, 9, 50, ignored_fraction=0.0)
+    with torch.no_grad():
+        logits = e @ c.T
+        targets[::2] = logits[::2].argmin(1)  # far below the row's max at this scale
+        targets[1::2] = logits[1::2].argmax(1)
+    for reduction in ("none", "mean"):
+        check_against_reference(e, c, targets, None, None, torch.float32,
+                                {"logit_scale": 60.0, "reduction": reduction})
+    loss = linear_cross_entropy(e, c, targets, logit_scale=60.0, reduction="none")
+    assert loss[::2].min() > 90, "the case must put p_y below float32's normal range"
+    assert loss[1::2].max() < 10
+
+
 def test_many_blocks_of_rows(monkeypatch):
-    """More rows than one block holds, with a partial last block."""
+    """More rows than one block holds, with a partial last block, and (on the
+    CPU) the vocabulary in pieces with a partial last piece."""
     from cce_inductor import config
+    from cce_inductor.kernels import chunked
     monkeypatch.setattr(config, "logits_chunk_bytes", 4 * 61 * 5)
+    monkeypatch.setattr(chunked, "VOCAB_PIECE", 16)
     e, c, targets, b, w = make_inputs(23, 6, 61, bias=True)
     check_against_reference(e, c, targets, b, w, torch.float32, {"softcap": 2.0})
     check_against_reference(e, c, targets, b, w, torch.float32, {"reduction": "none"})

@@ -100,6 +100,29 @@ def reduce_rows(loss: Tensor, terms: RowTerms, reduction: str) -> Tensor:
     return loss.sum() / terms.mean_denominator()
 
 
+# On the CPU the logits of a block are computed ``VOCAB_PIECE`` columns at a
+# time, each piece as ``c[piece] @ e_block.T`` written straight into its
+# columns of the row-major block.  Measured on a 2-core AVX-512 machine with
+# MKL (D=512, 130-200 rows a block), this runs about 20% faster than one
+# ``e_block @ c.T``.
+VOCAB_PIECE = 2048
+
+# A row's lse is recovered from its softmax at the target as
+# ``z_y - log(p_y)`` when ``p_y`` is at least this (full float32 precision);
+# rows below it take the slower, exact route through their largest ``p``.
+_SMALLEST_TRUSTED_P = 1e-30
+
+
+def softmax_(z: Tensor) -> Tensor:
+    """Softmax of each row of ``z``, computed in place."""
+    if z.device.type == "cpu":
+        # The CPU kernel reads each element before writing it (checked by
+        # tests/test_op.py), and makes one pass less than the three ops below.
+        return torch.softmax(z, 1, out=z)
+    z.sub_(z.amax(1, keepdim=True)).exp_()
+    return z.div_(z.sum(1, keepdim=True))
+
+
 def rows_per_chunk(num_rows: int, vocab: int) -> int:
     """How many rows of float32 logits fit in ``config.logits_chunk_bytes`` (at least 1)."""
     return max(1, min(num_rows, config.logits_chunk_bytes // (4 * max(vocab, 1))))
@@ -121,6 +144,7 @@ class LogitBlocks:
         self.step = rows_per_chunk(e.shape[0], self.vocab)
         self._logits = e.new_empty(self.step, self.vocab, dtype=torch.float32)
         self._tanh = None if spec.softcap is None else torch.empty_like(self._logits)
+        self._piece = VOCAB_PIECE if e.device.type == "cpu" else max(self.vocab, 1)
 
     def blocks(self) -> Iterator[slice]:
         num_rows = self.e.shape[0]
@@ -132,18 +156,32 @@ class LogitBlocks:
 
         Both live in the reused buffers: they are overwritten by the next call.
         """
-        spec = self.spec
         z = self._logits[: rows.stop - rows.start]
-        torch.mm(self.e[rows], self.c.T, out=z)
-        if self.bias is not None:
-            z += self.bias
-        if spec.logit_scale != 1.0:
-            z *= spec.logit_scale
-        if spec.softcap is None:
-            return z, None
+        z_t, e_t = z.T, self.e[rows].T
+        for start in range(0, self.vocab, self._piece):
+            piece = slice(start, start + self._piece)
+            torch.mm(self.c[piece], e_t, out=z_t[piece])
+        u = self._bias_and_scale(z, self.bias)
+        softcap = self.spec.softcap
+        if softcap is None:
+            return u, None
         tanh_u = self._tanh[: z.shape[0]]
-        torch.tanh(z.div_(spec.softcap), out=tanh_u)
-        return torch.mul(tanh_u, spec.softcap, out=z), tanh_u
+        torch.tanh(u.div_(softcap), out=tanh_u)
+        return torch.mul(tanh_u, softcap, out=z), tanh_u
+
+    def logits_at(self, rows: Tensor, columns: Tensor) -> Tensor:
+        """Float32 logits ``z[rows[i], columns[i]]``, each by its own dot product."""
+        x = (self.e[rows] * self.c[columns]).sum(1)
+        u = self._bias_and_scale(x, None if self.bias is None else self.bias[columns])
+        softcap = self.spec.softcap
+        return u if softcap is None else u.div_(softcap).tanh_().mul_(softcap)
+
+    def _bias_and_scale(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        if bias is not None:
+            x += bias
+        if self.spec.logit_scale != 1.0:
+            x *= self.spec.logit_scale
+        return x
 
     def through_softcap_and_scale(self, g: Tensor, tanh_u: Tensor | None) -> Tensor:
         """Turn a gradient with respect to z into one with respect to ``x + bias``,
@@ -177,23 +215,38 @@ class _Problem(LogitBlocks):
             return target_logit, None
         return target_logit, z.sum(1) if self.weight is None else z @ self.weight
 
-    def grad_logits(self, rows: slice, exp_z: Tensor, tanh_u: Tensor | None,
-                    exp_scale: Tensor, grad_row: Tensor | None,
-                    grad_lse: Tensor | None) -> Tensor:
-        """Gradient with respect to ``x + bias``, computed in place of ``exp_z``.
+    def lse_from_softmax(self, rows: slice, p: Tensor, target_logit: Tensor) -> Tensor:
+        """Each row's lse, from its softmax ``p`` and its target logit.
 
-        ``exp_z * exp_scale[:, None]`` is the softmax.  ``grad_row`` is the
-        upstream gradient of each row's loss, ``grad_lse`` that of its lse.
+        ``log p_y = z_y - lse`` gives it without another pass over the block
+        while ``p_y`` keeps full precision; other rows use their largest ``p``
+        (at least 1/V) and that class's logit, recomputed by a dot product.
+        """
+        p_target = p.gather(1, self.terms.targets[rows, None]).squeeze(1)
+        lse = target_logit - p_target.log()
+        trusted = p_target >= _SMALLEST_TRUSTED_P
+        if p.device.type == "cpu" and bool(trusted.all()):
+            return lse  # the common case, decided without a device sync
+        p_max, column = p.max(1)
+        row_ids = torch.arange(rows.start, rows.stop, device=p.device)
+        return torch.where(trusted, lse, self.logits_at(row_ids, column) - p_max.log())
+
+    def grad_logits(self, rows: slice, p: Tensor, tanh_u: Tensor | None,
+                    grad_row: Tensor | None, grad_lse: Tensor | None) -> Tensor:
+        """Gradient with respect to ``x + bias``, computed in place of the softmax ``p``.
+
+        ``grad_row`` is the upstream gradient of each row's loss, ``grad_lse``
+        that of its lse.
         """
         s = self.spec.label_smoothing
-        coeff = torch.zeros_like(exp_scale)
+        coeff = p.new_zeros(p.shape[0])
         if grad_row is not None:
             terms = self.terms
             a = (1 - s) * terms.target_weight[rows] + s * terms.weight_total / self.vocab
             coeff += grad_row * a
         if grad_lse is not None:
             coeff += grad_lse.float()
-        g = exp_z.mul_((coeff * exp_scale)[:, None])
+        g = p.mul_(coeff[:, None])
         if grad_row is not None:
             onehot = grad_row * (1 - s) * self.terms.target_weight[rows]
             g.scatter_add_(1, self.terms.targets[rows, None], -onehot[:, None])
@@ -253,16 +306,12 @@ def forward(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
     for rows in problem.blocks():
         z, tanh_u = problem.logits(rows)
         target_logit, weighted_sum = problem.loss_terms(rows, z)
-        row_max = z.amax(1)
-        exp_z = z.sub_(row_max[:, None]).exp_()
-        sum_exp = exp_z.sum(1)
-        row_lse = lse[rows] = row_max + sum_exp.log()
+        p = softmax_(z)
+        row_lse = lse[rows] = problem.lse_from_softmax(rows, p, target_logit)
         row_losses[rows] = row_loss(problem.row_slice(rows), spec, problem.vocab, row_lse,
                                     target_logit, weighted_sum)
         if grads is not None:
-            g = problem.grad_logits(rows, exp_z, tanh_u, sum_exp.reciprocal(),
-                                    grad_row[rows], None)
-            grads.add(rows, g)
+            grads.add(rows, problem.grad_logits(rows, p, tanh_u, grad_row[rows], None))
 
     loss = reduce_rows(row_losses, problem.terms, spec.reduction)
     if grads is None:
@@ -283,11 +332,9 @@ def backward(grad_loss: Tensor | None, grad_lse: Tensor | None, e: Tensor, c: Te
     grad_row = problem.terms.upstream(grad_loss, spec.reduction)
     for rows in problem.blocks():
         z, tanh_u = problem.logits(rows)
-        row_lse = lse[rows]
-        exp_z = z.sub_(row_lse[:, None]).exp_()
+        p = z.sub_(lse[rows, None]).exp_()
         g = problem.grad_logits(
-            rows, exp_z, tanh_u, torch.ones_like(row_lse),
-            None if grad_row is None else grad_row[rows],
+            rows, p, tanh_u, None if grad_row is None else grad_row[rows],
             None if grad_lse is None else grad_lse[rows],
         )
         grads.add(rows, g)
