@@ -39,10 +39,11 @@ drop_escaping_logits: bool = _env_flag("CCE_INDUCTOR_DROP_LOGITS", False)
 
 
 # The portable (CPU) implementation holds at most this many bytes of float32
-# logits at a time.  Larger blocks re-read the classifier less often (faster
-# where D is small) at the price of memory; 64 MiB keeps the three matmuls at
-# full speed and the working set small next to the classifier and its gradient.
-logits_chunk_bytes: int = int(os.environ.get("CCE_INDUCTOR_CHUNK_MIB", "64")) * 2**20
+# logits at a time.  Blocks of more rows run its three matmuls faster, at the
+# price of memory.  96 MiB is about 200 rows at V=128256: on a 2-core machine
+# that is as fast as torch.compile's whole-matrix matmuls, and small next to a
+# classifier of that vocabulary and its gradient (docs/benchmarks.md).
+logits_chunk_bytes: int = int(os.environ.get("CCE_INDUCTOR_CHUNK_MIB", "96")) * 2**20
 
 
 def settings_fingerprint() -> str:

@@ -5,10 +5,12 @@
 
 Every method runs in a fresh interpreter that builds the same inputs and reports
 its peak RSS (``ru_maxrss``) and the median wall time of forward + backward
-after one warm-up call (which compiles, for the compiled methods).  The table
-gives memory as a ratio to the floor (inputs, their gradients and the
-torch.compile machinery imported) and time as a ratio to plain torch.compile,
-both measured in this run.
+after one warm-up call (which compiles, for the compiled methods).  The methods
+take turns for ``--rounds`` rounds, so that a machine whose speed drifts over
+minutes slows them alike; a method's time is the median over its rounds and
+its memory the largest peak.  The table gives memory as a ratio to the floor
+(inputs, their gradients and the torch.compile machinery imported) and time as
+a ratio to plain torch.compile, both measured in this run.
 """
 
 from __future__ import annotations
@@ -97,13 +99,34 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _run_worker(method: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, "--n", str(args.n),
+           "--d", str(args.d), "--v", str(args.v), "--threads", str(args.threads),
+           "--repeats", str(args.repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"skipped": f"failed: {proc.stderr.strip().splitlines()[-1]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _combine(runs: list[dict]) -> dict:
+    """One method's rounds: median time, largest peak memory."""
+    done = [r for r in runs if "skipped" not in r]
+    if not done:
+        return runs[0]
+    seconds = [r["seconds"] for r in done if r["seconds"] is not None]
+    return {"rss_mib": max(r["rss_mib"] for r in done),
+            "seconds": statistics.median(seconds) if seconds else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--d", type=int, default=512)
     parser.add_argument("--v", type=int, default=128256)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps per process")
+    parser.add_argument("--rounds", type=int, default=3, help="processes per method")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -112,22 +135,20 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    results = {}
-    for method in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--worker", method, "--n", str(args.n),
-               "--d", str(args.d), "--v", str(args.v), "--threads", str(args.threads),
-               "--repeats", str(args.repeats)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            results[method] = {"skipped": f"failed: {proc.stderr.strip().splitlines()[-1]}"}
-        else:
-            results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"  {method}: {results[method]}", file=sys.stderr)
+    methods = args.methods.split(",")
+    runs: dict[str, list[dict]] = {method: [] for method in methods}
+    for round_index in range(args.rounds):
+        for method in methods:
+            if method == "floor" and round_index:
+                continue  # deterministic: one process is enough
+            runs[method].append(_run_worker(method, args))
+            print(f"  round {round_index + 1} {method}: {runs[method][-1]}", file=sys.stderr)
+    results = {method: _combine(r) for method, r in runs.items()}
 
     floor = results.get("floor", {}).get("rss_mib")
     compiled = results.get("compile", {}).get("seconds")
     print(f"\nN={args.n} D={args.d} V={args.v} float32, {args.threads} threads, "
-          f"loss + backward, median of {args.repeats}\n")
+          f"loss + backward, median over {args.rounds} rounds of {args.repeats} steps\n")
     print("| method | what | peak RSS (MiB) | x floor | time (s) | x torch.compile |")
     print("|---|---|---|---|---|---|")
     for method, r in results.items():

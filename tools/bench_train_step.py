@@ -9,7 +9,10 @@ torch.compile, torch.compile with ``auto_chunker.enable``, backend="cce", and
 for Hugging Face also backend="cce" with ``drop_escaping_logits``.  The floor is
 our GPT with a 1-token vocabulary under backend="cce".  Each process runs a
 warm-up step (compiling), then times ``--steps`` steps (forward, backward,
-AdamW) and reports its peak RSS (CPU) or peak allocated memory (CUDA).
+AdamW) and reports its peak RSS (CPU) or peak allocated memory (CUDA).  The
+methods take turns for ``--rounds`` rounds, so that a machine whose speed
+drifts slows them alike; a method's time is the median over its rounds and
+its memory the largest peak.
 """
 
 from __future__ import annotations
@@ -104,6 +107,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--models", default="gpt,llama")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--rounds", type=int, default=2, help="processes per method")
     parser.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     parser.add_argument("--plot", help="write a memory-vs-tokens plot (GPT) to this PNG")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -115,25 +120,37 @@ def main() -> None:
         return
 
     token_counts = [int(t) for t in args.tokens.split(",")]
-    results: dict[tuple, dict] = {}
-    for tokens in token_counts:
-        results[("gpt", "floor", tokens)] = run("gpt", "cce", 1, tokens, args)
-        for model_name in args.models.split(","):
-            for method in METHODS:
-                if method == "cce_drop_logits" and model_name == "gpt":
-                    continue  # our GPT returns only the loss
-                results[(model_name, method, tokens)] = run(model_name, method, args.vocab,
-                                                            tokens, args)
-                print(model_name, method, tokens, results[(model_name, method, tokens)],
-                      file=sys.stderr)
+    runs: dict[tuple, list[dict]] = {}
+    for _ in range(args.rounds):
+        for tokens in token_counts:
+            runs.setdefault(("gpt", "floor", tokens), []).append(
+                run("gpt", "cce", 1, tokens, args))
+            for model_name in args.models.split(","):
+                for method in args.methods.split(","):
+                    if method == "cce_drop_logits" and model_name == "gpt":
+                        continue  # our GPT returns only the loss
+                    key = (model_name, method, tokens)
+                    runs.setdefault(key, []).append(
+                        run(model_name, method, args.vocab, tokens, args))
+                    print(*key, runs[key][-1], file=sys.stderr)
+    results = {key: _combine(r) for key, r in runs.items()}
     _print_table(results, token_counts[-1], args)
     if args.plot:
         _plot(results, token_counts, args.plot)
 
 
+def _combine(runs: list[dict]) -> dict:
+    """One method's rounds: median time, largest peak memory."""
+    done = [r for r in runs if "error" not in r]
+    if not done:
+        return runs[0]
+    return {"peak_mib": max(r["peak_mib"] for r in done),
+            "seconds": statistics.median(r["seconds"] for r in done)}
+
+
 def _print_table(results, tokens, args) -> None:
-    print(f"\nV={args.vocab}, {tokens} tokens per step, device={args.device}, median of "
-          f"{args.steps} steps after a warm-up\n")
+    print(f"\nV={args.vocab}, {tokens} tokens per step, device={args.device}, median over "
+          f"{args.rounds} rounds of {args.steps} steps after a warm-up\n")
     print("| model | method | peak memory (MiB) | x floor (GPT) | step (s) | x torch.compile |")
     print("|---|---|---|---|---|---|")
     floor = results[("gpt", "floor", tokens)].get("peak_mib")
