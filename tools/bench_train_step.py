@@ -202,12 +202,13 @@ def _plot(results, token_counts, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    labels = {"floor": "floor (V=1)", "floor_same_v": "floor (same V, loss at one position)"}
     for method in ["floor", "floor_same_v", "eager", "compile", "auto_chunker", "cce"]:
         points = [(t, results[("gpt", method, t)].get("peak_mib")) for t in token_counts
                   if ("gpt", method, t) in results]
         points = [(t, m) for t, m in points if m is not None]
         if points:
-            ax.plot(*zip(*points), marker="o", label=method)
+            ax.plot(*zip(*points), marker="o", label=labels.get(method, method))
     ax.set_xlabel("tokens per batch")
     ax.set_ylabel("peak memory (MiB)")
     ax.set_title("GPT (V=128256) training step: peak memory")

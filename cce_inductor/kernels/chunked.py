@@ -103,7 +103,7 @@ def reduce_rows(loss: Tensor, terms: RowTerms, reduction: str) -> Tensor:
 # On the CPU the logits of a block are computed ``VOCAB_PIECE`` columns at a
 # time, each piece as ``c[piece] @ e_block.T`` written straight into its
 # columns of the row-major block.  Measured on a 2-core AVX-512 machine with
-# MKL (D=512, 130-200 rows a block), this runs about 20% faster than one
+# MKL (D=512, 130-200 rows a block), this runs 15-25% faster than one
 # ``e_block @ c.T``.
 VOCAB_PIECE = 2048
 
