@@ -41,8 +41,9 @@ drop_escaping_logits: bool = _env_flag("CCE_INDUCTOR_DROP_LOGITS", False)
 # The portable (CPU) implementation holds at most this many bytes of float32
 # logits at a time.  Blocks of more rows run its three matmuls faster, at the
 # price of memory.  96 MiB is about 200 rows at V=128256: on a 2-core machine
-# that is as fast as torch.compile's whole-matrix matmuls, and small next to a
-# classifier of that vocabulary and its gradient (docs/benchmarks.md).
+# the loss then runs within a few percent of torch.compile's whole-matrix
+# version, and the block is small next to a classifier of that vocabulary and
+# its gradient (docs/benchmarks.md).
 logits_chunk_bytes: int = int(os.environ.get("CCE_INDUCTOR_CHUNK_MIB", "96")) * 2**20
 
 
