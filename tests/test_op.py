@@ -140,6 +140,23 @@ def test_target_probability_below_float32_range():
     assert loss[1::2].max() < 10
 
 
+def test_route_of_other_devices(monkeypatch):
+    """The chunked path's route for devices other than the CPU (the CUDA
+    fallback without Triton): one matmul per block, a three-op softmax and a
+    sync-free lse, checked here on CPU tensors."""
+    from cce_inductor.kernels import chunked
+    monkeypatch.setattr(chunked, "on_cpu", lambda t: False)
+    e, c, targets, b, w = make_inputs(19, 11, 73, bias=True, weight=True)
+    options = {k: v for k, v in OPTION_CASES["all_mean"].items() if k not in ("bias", "weight")}
+    check_against_reference(e, c, targets, b, w, torch.float32, options)
+    with torch.no_grad():
+        targets[::3] = (e[::3] @ c.T).argmin(1)
+    loss = linear_cross_entropy(e, c, targets, logit_scale=60.0, reduction="none")
+    assert loss[::3].min() > 90
+    check_against_reference(e, c, targets, None, None, torch.float32,
+                            {"logit_scale": 60.0, "reduction": "none"})
+
+
 def test_many_blocks_of_rows(monkeypatch):
     """More rows than one block holds, with a partial last block, and (on the
     CPU) the vocabulary in pieces with a partial last piece."""

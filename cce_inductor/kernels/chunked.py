@@ -113,9 +113,15 @@ VOCAB_PIECE = 2048
 _SMALLEST_TRUSTED_P = 1e-30
 
 
+def on_cpu(t: Tensor) -> bool:
+    """Whether ``t`` takes the CPU's route: vocabulary pieces, the in-place
+    softmax kernel, and flags read on the host (no device synchronization)."""
+    return t.device.type == "cpu"
+
+
 def softmax_(z: Tensor) -> Tensor:
     """Softmax of each row of ``z``, computed in place."""
-    if z.device.type == "cpu":
+    if on_cpu(z):
         # The CPU kernel reads each element before writing it (checked by
         # tests/test_op.py), and makes one pass less than the three ops below.
         return torch.softmax(z, 1, out=z)
@@ -144,7 +150,7 @@ class LogitBlocks:
         self.step = rows_per_chunk(e.shape[0], self.vocab)
         self._logits = e.new_empty(self.step, self.vocab, dtype=torch.float32)
         self._tanh = None if spec.softcap is None else torch.empty_like(self._logits)
-        self._piece = VOCAB_PIECE if e.device.type == "cpu" else max(self.vocab, 1)
+        self._piece = VOCAB_PIECE if on_cpu(e) else max(self.vocab, 1)
 
     def blocks(self) -> Iterator[slice]:
         num_rows = self.e.shape[0]
@@ -225,7 +231,7 @@ class _Problem(LogitBlocks):
         p_target = p.gather(1, self.terms.targets[rows, None]).squeeze(1)
         lse = target_logit - p_target.log()
         trusted = p_target >= _SMALLEST_TRUSTED_P
-        if p.device.type == "cpu" and bool(trusted.all()):
+        if on_cpu(p) and bool(trusted.all()):
             return lse  # the common case, decided without a device sync
         p_max, column = p.max(1)
         row_ids = torch.arange(rows.start, rows.stop, device=p.device)
