@@ -212,7 +212,7 @@ def _plot(results, token_counts, path) -> None:
     ax.set_xlabel("tokens per batch")
     ax.set_ylabel("peak memory (MiB)")
     ax.set_title("GPT (V=128256) training step: peak memory")
-    ax.legend()
+    ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
