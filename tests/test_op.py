@@ -124,20 +124,31 @@ def test_softmax_in_place_matches_out_of_place():
         assert torch.equal(softmax_(z.clone()), expected)
 
 
+UNDERFLOW = {"logit_scale": 60.0, "reduction": "none"}
+
+
+def with_underflowing_targets(e, c, targets):
+    """Targets at each even row's smallest logit (under ``UNDERFLOW`` their
+    probability is far below float32's normal range) and at each odd row's
+    largest; checks that the loss shows both."""
+    with torch.no_grad():
+        logits = e @ c.T
+        targets[::2] = logits[::2].argmin(1)
+        targets[1::2] = logits[1::2].argmax(1)
+        loss = linear_cross_entropy(e, c, targets, **UNDERFLOW)
+    assert loss[::2].min() > 90, "the case must put p_y below float32's normal range"
+    assert loss[1::2].max() < 10
+    return targets
+
+
 def test_target_probability_below_float32_range():
     """Rows whose target probability underflows (loss above ~90) take the
     exact route to their lse, mixed with ordinary rows in one block."""
     e, c, targets, _, _ = make_inputs(16, 9, 50, ignored_fraction=0.0)
-    with torch.no_grad():
-        logits = e @ c.T
-        targets[::2] = logits[::2].argmin(1)  # far below the row's max at this scale
-        targets[1::2] = logits[1::2].argmax(1)
+    targets = with_underflowing_targets(e, c, targets)
     for reduction in ("none", "mean"):
         check_against_reference(e, c, targets, None, None, torch.float32,
-                                {"logit_scale": 60.0, "reduction": reduction})
-    loss = linear_cross_entropy(e, c, targets, logit_scale=60.0, reduction="none")
-    assert loss[::2].min() > 90, "the case must put p_y below float32's normal range"
-    assert loss[1::2].max() < 10
+                                {**UNDERFLOW, "reduction": reduction})
 
 
 def test_route_of_other_devices(monkeypatch):
@@ -149,12 +160,8 @@ def test_route_of_other_devices(monkeypatch):
     e, c, targets, b, w = make_inputs(19, 11, 73, bias=True, weight=True)
     options = {k: v for k, v in OPTION_CASES["all_mean"].items() if k not in ("bias", "weight")}
     check_against_reference(e, c, targets, b, w, torch.float32, options)
-    with torch.no_grad():
-        targets[::3] = (e[::3] @ c.T).argmin(1)
-    loss = linear_cross_entropy(e, c, targets, logit_scale=60.0, reduction="none")
-    assert loss[::3].min() > 90
-    check_against_reference(e, c, targets, None, None, torch.float32,
-                            {"logit_scale": 60.0, "reduction": "none"})
+    targets = with_underflowing_targets(e, c, targets)
+    check_against_reference(e, c, targets, None, None, torch.float32, UNDERFLOW)
 
 
 def test_many_blocks_of_rows(monkeypatch):
