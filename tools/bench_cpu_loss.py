@@ -2,6 +2,7 @@
 
     python tools/bench_cpu_loss.py                 # N=4096, D=512, V=128256, fp32
     python tools/bench_cpu_loss.py --n 512 --v 32000 --methods floor,eager,ours
+    python tools/bench_cpu_loss.py --profile ours   # where one call's time goes
 
 Every method runs in a fresh interpreter that builds the same inputs and reports
 its peak RSS (``ru_maxrss``) and the median wall time of forward + backward
@@ -74,11 +75,7 @@ def worker(method: str, n: int, d: int, v: int, threads: int, repeats: int) -> d
     import torch._inductor.compile_fx  # noqa: F401  (counted in every method)
 
     torch.set_num_threads(threads)
-    gen = torch.Generator().manual_seed(0)
-    # Drawn in place so that no temporary of c's size inflates the peak.
-    e = torch.empty(n, d).normal_(generator=gen).requires_grad_()
-    c = torch.empty(v, d).normal_(std=d**-0.5, generator=gen).requires_grad_()
-    y = torch.randint(0, v, (n,), generator=gen)
+    e, c, y = _inputs(n, d, v)
     if method == "floor":
         e.grad, c.grad = torch.zeros_like(e), torch.zeros_like(c)
         return {"rss_mib": _peak_rss_mib(), "seconds": None}
@@ -93,6 +90,35 @@ def worker(method: str, n: int, d: int, v: int, threads: int, repeats: int) -> d
         if step:
             times.append(time.perf_counter() - start)
     return {"rss_mib": _peak_rss_mib(), "seconds": statistics.median(times)}
+
+
+def _inputs(n: int, d: int, v: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    # Drawn in place so that no temporary of c's size inflates the peak.
+    e = torch.empty(n, d).normal_(generator=gen).requires_grad_()
+    c = torch.empty(v, d).normal_(std=d**-0.5, generator=gen).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=gen)
+    return e, c, y
+
+
+def profile(method: str, n: int, d: int, v: int, threads: int) -> None:
+    """Print the ops that take one call's time (after a warm-up call)."""
+    import torch
+    from torch.profiler import profile as torch_profile
+
+    torch.set_num_threads(threads)
+    e, c, y = _inputs(n, d, v)
+    fn = _loss_fn(method)
+    fn(e, c, y).backward()
+    e.grad = c.grad = None
+    start = time.perf_counter()
+    with torch_profile() as prof:
+        fn(e, c, y).backward()
+    print(f"{method}, N={n} D={d} V={v}: one call took {time.perf_counter() - start:.2f} s "
+          "(under the profiler)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
 
 
 def _peak_rss_mib() -> float:
@@ -128,8 +154,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per process")
     parser.add_argument("--rounds", type=int, default=3, help="processes per method")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--profile", metavar="METHOD",
+                        help="profile one call of METHOD in this process instead")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.profile:
+        profile(args.profile, args.n, args.d, args.v, args.threads)
+        return
     if args.worker:
         result = worker(args.worker, args.n, args.d, args.v, args.threads, args.repeats)
         print(json.dumps(result))
