@@ -9,9 +9,12 @@ its peak RSS (``ru_maxrss``) and the median wall time of forward + backward
 after one warm-up call (which compiles, for the compiled methods).  The methods
 take turns for ``--rounds`` rounds, so that a machine whose speed drifts over
 minutes slows them alike; a method's time is the median over its rounds and
-its memory the largest peak.  The table gives memory as a ratio to the floor
-(inputs, their gradients and the torch.compile machinery imported) and time as
-a ratio to plain torch.compile, both measured in this run.
+its memory the largest peak.  The table gives memory as a ratio to two floors,
+both inputs and their gradients: ``floor`` with the torch.compile machinery
+imported, ``bare`` with nothing imported but torch, and time as a ratio to
+plain torch.compile, all measured in this run.  ``bare`` and ``ours`` import
+no compiler module (the worker checks that the op did not either), so
+``ours / bare`` is what the op on its own costs over the inputs.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import sys
 import time
 
 METHODS = {
+    "bare": "inputs, gradients, nothing imported but torch",
     "floor": "inputs, gradients, torch.compile imported",
     "eager": "F.cross_entropy(e @ c.T, y)",
     "compile": "torch.compile",
@@ -69,14 +73,26 @@ def _loss_fn(method: str):
     raise ValueError(f"unknown method {method!r}")
 
 
+# Methods measured without the torch.compile machinery imported.
+LIGHT_METHODS = ("bare", "ours")
+COMPILER_MODULES = ("torch._dynamo", "torch._inductor")
+
+
+def _compiler_imported() -> bool:
+    return any(name == m or name.startswith(m + ".")
+               for name in sys.modules for m in COMPILER_MODULES)
+
+
 def worker(method: str, n: int, d: int, v: int, threads: int, repeats: int) -> dict:
     """Run one method in this process and return its measurements."""
     import torch
-    import torch._inductor.compile_fx  # noqa: F401  (counted in every method)
+
+    if method not in LIGHT_METHODS:
+        import torch._inductor.compile_fx  # noqa: F401  (counted in the others)
 
     torch.set_num_threads(threads)
     e, c, y = _inputs(n, d, v)
-    if method == "floor":
+    if method in ("floor", "bare"):
         e.grad, c.grad = torch.zeros_like(e), torch.zeros_like(c)
         return {"rss_mib": _peak_rss_mib(), "seconds": None}
     fn = _loss_fn(method)
@@ -89,6 +105,8 @@ def worker(method: str, n: int, d: int, v: int, threads: int, repeats: int) -> d
         fn(e, c, y).backward()
         if step:
             times.append(time.perf_counter() - start)
+    if method in LIGHT_METHODS and _compiler_imported():
+        raise RuntimeError(f"{method} imported torch._dynamo or torch._inductor")
     return {"rss_mib": _peak_rss_mib(), "seconds": statistics.median(times)}
 
 
@@ -170,28 +188,34 @@ def main() -> None:
     runs: dict[str, list[dict]] = {method: [] for method in methods}
     for round_index in range(args.rounds):
         for method in methods:
-            if method == "floor" and round_index:
+            if method in ("floor", "bare") and round_index:
                 continue  # deterministic: one process is enough
             runs[method].append(_run_worker(method, args))
             print(f"  round {round_index + 1} {method}: {runs[method][-1]}", file=sys.stderr)
     results = {method: _combine(r) for method, r in runs.items()}
 
     floor = results.get("floor", {}).get("rss_mib")
+    bare = results.get("bare", {}).get("rss_mib")
     compiled = results.get("compile", {}).get("seconds")
     print(f"\nN={args.n} D={args.d} V={args.v} float32, {args.threads} threads, "
           f"loss + backward, median over {args.rounds} rounds of {args.repeats} steps\n")
-    print("| method | what | peak RSS (MiB) | x floor | time (s) | x torch.compile |")
-    print("|---|---|---|---|---|---|")
+    print("| method | what | peak RSS (MiB) | x floor | x bare | time (s) | x torch.compile |")
+    print("|---|---|---|---|---|---|---|")
     for method, r in results.items():
         if "skipped" in r:
-            print(f"| {method} | {METHODS[method]} | {r['skipped']} | | | |")
+            print(f"| {method} | {METHODS[method]} | {r['skipped']} | | | | |")
             continue
         mem_ratio = f"{r['rss_mib'] / floor:.2f}" if floor else ""
+        bare_ratio = f"{r['rss_mib'] / bare:.2f}" if bare else ""
         secs = r["seconds"]
         time_cell = "" if secs is None else f"{secs:.2f}"
         time_ratio = f"{secs / compiled:.2f}" if secs is not None and compiled else ""
         print(f"| {method} | {METHODS[method]} | {r['rss_mib']:.0f} | {mem_ratio} | "
-              f"{time_cell} | {time_ratio} |")
+              f"{bare_ratio} | {time_cell} | {time_ratio} |")
+    ours = results.get("ours", {}).get("rss_mib")
+    if bare and ours:
+        print(f"\nthe op alone (ours, no compiler imported): peak RSS {ours / bare:.3f}x the "
+              f"bare floor ({ours:.0f} / {bare:.0f} MiB)")
 
 
 if __name__ == "__main__":
