@@ -6,16 +6,25 @@ All of them run ``rewrite_graph`` on Dynamo's torch-level graph:
 * ``make_backend(inner)``: rewrite, then hand the graph to any other backend;
 * ``enable()`` / ``CCE_INDUCTOR=1``: the same rewrite as an Inductor
   ``pre_grad_custom_pass``, so that plain ``torch.compile(model)`` gets it.
+
+Each way in also has Dynamo skip the logging helpers of libraries that would
+otherwise break the graph between a model's head and its loss
+(``library_logging_functions``): ``enable()`` until ``disable()``,
+``explain`` for its run, and the backend objects from the moment one is
+handed out (``torch.compile`` wraps a backend in an object that keeps none of
+its attributes, so a backend cannot scope a Dynamo setting to its own calls).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import pathlib
+import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -78,7 +87,13 @@ def make_backend(inner: str | Backend = "inductor") -> Backend:
     ``inner`` is a backend name (``"inductor"``, ``"aot_eager"``, ``"eager"``,
     ...) or a callable ``(gm, example_inputs) -> callable``.  Keyword arguments
     that ``torch.compile`` forwards (``mode=``, ``options=``) are passed on.
+    From this call on, Dynamo skips ``library_logging_functions()``.
     """
+    _skip_library_logging_for_backends()
+    return _make_backend(inner)
+
+
+def _make_backend(inner: str | Backend) -> Backend:
 
     def backend(gm: GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
         rewrite_graph(gm.graph)
@@ -91,6 +106,54 @@ def make_backend(inner: str | Backend = "inductor") -> Backend:
 
     backend.__name__ = f"cce_{getattr(inner, '__name__', inner)}"
     return backend
+
+
+# Logging helpers that Dynamo cannot trace, by module: a call to one between a
+# model's head and its loss breaks the graph there, and the logits then reach
+# the loss as an input of another graph, where they cannot be served.
+# transformers' ``PreTrainedModel.loss_function`` calls ``logger.warning_once``
+# whenever the model names no known ``loss_type`` (GPT-2, for one).
+LIBRARY_LOGGING_FUNCTIONS = {
+    "transformers.utils.logging": ("warning_once", "info_once"),
+}
+
+
+def library_logging_functions() -> list[Callable[..., Any]]:
+    """The functions of ``LIBRARY_LOGGING_FUNCTIONS`` whose modules are imported."""
+    found = []
+    for module_name, names in LIBRARY_LOGGING_FUNCTIONS.items():
+        module = sys.modules.get(module_name)
+        for name in names:
+            fn = getattr(module, name, None)
+            if callable(fn):
+                found.append(fn)
+    return found
+
+
+def _ignore_setting() -> str:
+    from torch._dynamo import config as dynamo_config
+
+    return "ignore_logging_functions" if hasattr(dynamo_config, "ignore_logging_functions") \
+        else "ignore_logger_methods"
+
+
+@contextlib.contextmanager
+def skipping_library_logging() -> Iterator[None]:
+    """Within the block Dynamo treats ``library_logging_functions()`` as no-ops.
+
+    Added to ``torch._dynamo.config.ignore_logging_functions`` on entry and
+    taken out on exit; compiled code then does not emit those messages.
+    """
+    from torch._dynamo import config as dynamo_config
+
+    setting = _ignore_setting()
+    current = set(getattr(dynamo_config, setting))
+    missing = [fn for fn in library_logging_functions() if fn not in current]
+    if not missing:
+        yield
+        return
+    with dynamo_config.patch(**{setting: current | set(missing)}):
+        yield
 
 
 def _compile_with_inductor(gm: GraphModule, example_inputs: Sequence[Any],
@@ -106,7 +169,7 @@ def _compile_with_inductor(gm: GraphModule, example_inputs: Sequence[Any],
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
-def cce_backend(gm: GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
+def _cce_backend(gm: GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
     """``torch.compile(model, backend=cce_backend)``: rewrite, then Inductor.
 
     Also reachable as ``backend="cce"`` once the package is installed.
@@ -114,7 +177,17 @@ def cce_backend(gm: GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
     return _inductor_backend(gm, example_inputs, **kwargs)
 
 
-_inductor_backend = make_backend("inductor")
+_cce_backend.__name__ = _cce_backend.__qualname__ = "cce_backend"
+_inductor_backend = _make_backend("inductor")
+
+
+def __getattr__(name: str) -> Any:
+    # ``cce_backend`` is handed out here, by attribute access (which is also how
+    # ``backend="cce"`` loads it), so that handing it out can set Dynamo up.
+    if name == "cce_backend":
+        _skip_library_logging_for_backends()
+        return _cce_backend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class CCEGraphPass(CustomGraphPass):
@@ -149,8 +222,13 @@ def enable() -> None:
 
     Appends the pass to ``torch._inductor.config.pre_grad_custom_pass`` next
     to whatever other libraries put there; calling it twice is harmless.
+    Until ``disable()``, Dynamo also skips the library logging helpers of
+    ``library_logging_functions()`` (for libraries imported later too, from
+    their first compile on), so that they do not break graphs.
     """
     from torch._inductor import config as inductor_config
+
+    _skip_library_logging_until_disabled()
 
     current = inductor_config.pre_grad_custom_pass
     passes = list(current) if isinstance(current, (list, tuple)) else \
@@ -167,8 +245,10 @@ def enable() -> None:
 
 
 def disable() -> None:
-    """Undo ``enable()``, leaving other libraries' passes in place."""
+    """Undo ``enable()``, leaving other libraries' passes and settings in place."""
     from torch._inductor import config as inductor_config
+
+    _stop_skipping_library_logging()
 
     current = inductor_config.pre_grad_custom_pass
     if current is GRAPH_PASS:
@@ -178,6 +258,69 @@ def disable() -> None:
     elif isinstance(current, (list, tuple)):
         rest = [p for p in current if p is not GRAPH_PASS]
         inductor_config.pre_grad_custom_pass = rest or None
+
+
+# The logging functions that enable() added to Dynamo's ignore set, which
+# disable() takes out again (and none that were there before), unless a
+# backend object was handed out meanwhile.
+_ADDED_BY_ENABLE: list[Callable[..., Any]] = []
+_backends_handed_out = False
+
+
+def _add_library_logging(*_: Any) -> None:
+    """Add the imported ``library_logging_functions()`` to Dynamo's ignore set."""
+    from torch._dynamo import config as dynamo_config
+
+    setting = _ignore_setting()
+    current = set(getattr(dynamo_config, setting))
+    missing = [fn for fn in library_logging_functions() if fn not in current]
+    if missing:
+        setattr(dynamo_config, setting, current | set(missing))
+        if not _backends_handed_out:
+            _ADDED_BY_ENABLE.extend(missing)
+
+
+def _watch_library_imports() -> None:
+    # A library imported later (CCE_INDUCTOR=1 enables at `import torch`) is
+    # picked up when Dynamo starts its next compile, before it traces.
+    # torch._dynamo.reset() drops this callback; by then the functions of the
+    # libraries imported so far are in the set.
+    import torch._dynamo
+
+    handler = getattr(torch._dynamo, "callback_handler", None)
+    if handler is not None and _add_library_logging not in handler.start_callbacks:
+        handler.register_start_callback(_add_library_logging)
+
+
+def _skip_library_logging_for_backends() -> None:
+    global _backends_handed_out
+    if not _backends_handed_out:
+        _backends_handed_out = True
+        _ADDED_BY_ENABLE.clear()
+        _add_library_logging()
+        _watch_library_imports()
+
+
+def _skip_library_logging_until_disabled() -> None:
+    _add_library_logging()
+    _watch_library_imports()
+
+
+def _stop_skipping_library_logging() -> None:
+    if _backends_handed_out:
+        return
+    import torch._dynamo
+    from torch._dynamo import config as dynamo_config
+
+    handler = getattr(torch._dynamo, "callback_handler", None)
+    if handler is not None and _add_library_logging in handler.start_callbacks:
+        handler.remove_start_callback(_add_library_logging)
+    if _ADDED_BY_ENABLE:
+        setting = _ignore_setting()
+        kept = {fn for fn in getattr(dynamo_config, setting)
+                if not any(fn is added for added in _ADDED_BY_ENABLE)}
+        setattr(dynamo_config, setting, kept)
+        _ADDED_BY_ENABLE.clear()
 
 
 def get_pre_grad_passes() -> list[Any]:
