@@ -67,3 +67,27 @@ def test_train_gpt_two_steps(tmp_path: Path) -> None:
     assert "tokens/s" in out
     assert "logits N x V x 4 bytes" in out
     assert "OK: the two runs agree" in out
+
+
+def test_hf_trainer_two_steps(tmp_path: Path) -> None:
+    """examples/hf_trainer.py: a one-layer Llama under Trainer, with and without the pass."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    cmd = [
+        sys.executable, str(EXAMPLES / "hf_trainer.py"),
+        "--vocab", "512", "--max-files", "5", "--cache-dir", str(tmp_path),
+        "--steps", "2", "--batch", "2", "--seq", "16", "--layers", "1",
+        "--hidden", "32", "--heads", "2", "--cpu", "--no-progress",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+
+    rows = [m.groups() for m in map(STEP_ROW.match, out.splitlines()) if m]
+    assert [int(r[0]) for r in rows] == [1, 2], out
+    for _, a, b in rows:
+        assert float(b) == pytest.approx(float(a), rel=1e-4)
+    assert "1 of 1 loss(es) rewritten" in out
+    assert "peak RSS, whole run" in out
+    assert "logits N x V x 4 bytes" in out
+    assert "OK: the two runs agree" in out
