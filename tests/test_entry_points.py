@@ -191,3 +191,32 @@ def test_rewrite_under_dynamic_shapes_does_not_recompile(caplog):
         frames = counter.frame_count if frames is None else frames
     assert counter.frame_count == frames, "recompiled when the batch shape changed"
     assert rewrites_logged(caplog) >= 1
+
+
+def test_environment_variable_covers_transformers_imported_later():
+    """CCE_INDUCTOR=1 enables at `import torch`, before transformers is imported:
+    Dynamo's first compile after that still skips transformers' warning_once."""
+    pytest.importorskip("transformers")
+    script = textwrap.dedent("""
+        import torch
+        import transformers
+        from transformers.utils import logging as hf_logging
+        from torch._dynamo import config as dynamo_config
+        assert hf_logging.warning_once not in dynamo_config.ignore_logging_functions
+        config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2,
+                                         n_positions=16, bos_token_id=1, eos_token_id=2,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = transformers.GPT2LMHeadModel(config)  # names no known loss_type
+        ids = torch.randint(0, 64, (2, 8))
+        out = torch.compile(model, backend="aot_eager", fullgraph=True)(
+            input_ids=ids, labels=ids)
+        torch.testing.assert_close(out.loss, model(input_ids=ids, labels=ids).loss,
+                                   rtol=1e-5, atol=1e-6)
+        assert hf_logging.warning_once in dynamo_config.ignore_logging_functions
+        print("done")
+    """)
+    env = dict(os.environ, CCE_INDUCTOR="1")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "done" in out.stdout
