@@ -3,7 +3,8 @@ the N x V logits.
 
 Entry points: ``torch.compile(model, backend=cce_backend)`` (or
 ``backend="cce"``), ``make_backend(inner)``, ``enable()`` / ``CCE_INDUCTOR=1``,
-``explain(model, *args)`` and the op itself, ``linear_cross_entropy``.
+``explain(model, *args)`` and the op itself, ``linear_cross_entropy``.  For
+``transformers.Trainer`` and TRL: ``cce_inductor.integrations.huggingface``.
 
 Attributes load on first use, so that importing the package (which
 ``import torch`` does through the ``torch.backends`` entry point) stays cheap.
