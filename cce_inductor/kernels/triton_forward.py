@@ -1,13 +1,25 @@
 """Forward of the op on CUDA: fused Triton kernels, logits never leave the chip.
 
-The grid is (row blocks) x (vocabulary splits).  Each program walks its
-split's vocabulary tiles, computes each logit tile ``z`` (an fp32-accumulated
-matmul over D followed by bias, logit_scale and softcap) and folds it into
-per-row running statistics: max, sum of ``exp(z - max)``, the target logit
-(picked from the tile that holds it) and, under label smoothing, the weighted
-sum ``sum_j w_j z_ij``.  A second, small step in PyTorch combines the splits
-in a fixed order (deterministic, no locks) and applies the formulas of
+The grid is (row blocks) x (vocabulary splits), flattened into one axis and
+ordered in groups of ``GROUP_N`` row blocks: the programs of one group run
+side by side and share their rows of E, and programs of the same split walk
+the same tiles of C at the same time.  Each program walks its split's
+vocabulary tiles, computes each logit tile ``z`` (an fp32-accumulated matmul
+over D followed by bias, logit_scale and softcap) and folds it into per-row
+running statistics: max, sum of ``exp(z - max)``, the target logit (picked
+from the tile that holds it) and, under label smoothing, the weighted sum
+``sum_j w_j z_ij``.  A second, small step in PyTorch combines the splits in a
+fixed order (deterministic, no locks) and applies the formulas of
 ``chunked``'s module docstring to these per-row numbers.
+
+The number of splits comes from the card's SM count and the row block of the
+config that runs (``PROGRAMS_PER_SM`` programs per SM in all).
+
+On request the forward also records the **tile maxima**: the largest logit of
+every ``REC_N x REC_V`` block of the logit matrix, a (cdiv(N, REC_N),
+cdiv(V, REC_V)) float32 matrix (2 MB at N=8192, V=256000).  The backward
+uses it to skip tiles whose softmax cannot reach the filtering threshold
+before doing their matmul (``triton_backward``).
 
 Importing this module needs Triton; ``cce_inductor.op`` imports it lazily.
 Set ``TRITON_INTERPRET=1`` before importing to run the kernels on CPU tensors
@@ -16,6 +28,8 @@ Set ``TRITON_INTERPRET=1`` before importing to run the kernels on CPU tensors
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 
 import torch
@@ -23,6 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import config
 from .chunked import LossSpec, reduce_rows, row_loss, row_terms
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -37,27 +52,47 @@ INTERPRET_BLOCK_D = 16
 INTERPRET_SPLITS = 3
 # On a GPU, aim for this many programs per streaming multiprocessor.
 PROGRAMS_PER_SM = 2
-# Nominal row block used to decide the number of vocabulary splits.
-NOMINAL_BLOCK_N = 128
+# Row blocks per group of the program order.
+GROUP_N = 8
+# Granularity of the recorded tile maxima (every BLOCK_N and BLOCK_V of the
+# forward and backward configs is a multiple of these).
+REC_N = 8 if INTERPRET else 64
+REC_V = 16 if INTERPRET else 64
 
-_FORWARD_GPU_CONFIGS = [
-    # (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages)
+Config = tuple[int, int, int, int, int]  # (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages)
+
+_FORWARD_GPU_CONFIGS: list[Config] = [
+    (128, 256, 64, 8, 3),  # the pinned config when autotuning is off
+    (256, 128, 64, 8, 3),
     (128, 128, 64, 8, 3),
-    (128, 256, 64, 8, 3),
     (64, 256, 64, 8, 4),
     (128, 128, 32, 4, 4),
     (64, 128, 64, 4, 4),
 ]
+_INTERPRET_CONFIG: Config = (INTERPRET_BLOCK_N, INTERPRET_BLOCK_V, INTERPRET_BLOCK_D, 4, 1)
 
 
-def autotune_configs(gpu_configs: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
-    """Configs for ``triton.autotune``: the given ones on a GPU, a single one
-    under the interpreter (which cannot benchmark several)."""
+def candidate_configs(gpu_configs: list[Config]) -> list[Config]:
+    """The configs a kernel may run with: a single one under the interpreter
+    (which cannot benchmark several), the first alone when
+    ``config.triton_autotune`` is off, else all of them."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_N": INTERPRET_BLOCK_N, "BLOCK_V": INTERPRET_BLOCK_V,
-                               "BLOCK_D": INTERPRET_BLOCK_D}, num_warps=4, num_stages=1)]
+        return [_INTERPRET_CONFIG]
+    return list(gpu_configs) if config.triton_autotune else [gpu_configs[0]]
+
+
+def autotune_configs(gpu_configs: list[Config]) -> list[triton.Config]:
+    """Configs for ``triton.autotune``: the given ones on a GPU, a single one
+    under the interpreter."""
+    configs = [_INTERPRET_CONFIG] if INTERPRET else gpu_configs
     return [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_D": d}, num_warps=w,
-                          num_stages=s) for n, v, d, w, s in gpu_configs]
+                          num_stages=s) for n, v, d, w, s in configs]
+
+
+def config_kwargs(cfg: Config) -> dict[str, int]:
+    """Launch keywords that pin one config on a plain ``triton.jit`` kernel."""
+    n, v, d, w, s = cfg
+    return {"BLOCK_N": n, "BLOCK_V": v, "BLOCK_D": d, "num_warps": w, "num_stages": s}
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -66,6 +101,17 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+def n_bucket(num_rows: int) -> int:
+    """The autotuning key's row count: the next power of two (tuning results
+    are shared within a bucket)."""
+    return 1 << max(num_rows - 1, 0).bit_length()
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @triton.jit
@@ -82,7 +128,10 @@ def logits_tile(e_ptr, c_ptr, bias_ptr, rows, cols, N, V, D,
                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """fp32 logits z of rows x cols (garbage outside the masks: mask them)."""
+    """fp32 logits z of rows x cols (garbage outside the masks: mask them).
+
+    Every index is widened to 64 bits before it meets a stride, so transposed
+    views (a stride of N or V over D) cannot overflow."""
     row_mask = rows < N
     col_mask = cols < V
     e_rows = e_ptr + rows.to(tl.int64)[:, None] * stride_en
@@ -91,9 +140,10 @@ def logits_tile(e_ptr, c_ptr, bias_ptr, rows, cols, N, V, D,
     for d0 in range(0, D, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
         dim_mask = dims < D
-        e_tile = tl.load(e_rows + dims[None, :] * stride_ed,
+        dims64 = dims.to(tl.int64)
+        e_tile = tl.load(e_rows + dims64[None, :] * stride_ed,
                          mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
-        c_tile = tl.load(c_rows + dims[:, None] * stride_cd,
+        c_tile = tl.load(c_rows + dims64[:, None] * stride_cd,
                          mask=dim_mask[:, None] & col_mask[None, :], other=0.0)
         if UPCAST:
             e_tile = e_tile.to(tl.float32)
@@ -107,20 +157,34 @@ def logits_tile(e_ptr, c_ptr, bias_ptr, rows, cols, N, V, D,
     return acc
 
 
-@triton.autotune(configs=autotune_configs(_FORWARD_GPU_CONFIGS), key=["V", "D"])
+@triton.jit
+def grouped_program(pid, num_row_blocks, num_splits, GROUP_N: tl.constexpr):
+    """(row block, split) of program ``pid``: consecutive programs take
+    consecutive row blocks of a group of ``GROUP_N`` at the same split."""
+    per_group = GROUP_N * num_splits
+    first = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(num_row_blocks - first, GROUP_N)
+    local = pid % per_group
+    return first + local % group_size, local // group_size
+
+
 @triton.jit
 def _forward_kernel(e_ptr, c_ptr, bias_ptr, weight_ptr, targets_ptr,
-                    max_ptr, sum_ptr, target_ptr, wsum_ptr,
-                    N, V, D, stride_en, stride_ed, stride_cv, stride_cd, num_splits,
-                    logit_scale, softcap,
+                    max_ptr, sum_ptr, target_ptr, wsum_ptr, tile_max_ptr,
+                    N, V, D, N_BUCKET, stride_en, stride_ed, stride_cv, stride_cd,
+                    stats_stride, rec_cols, logit_scale, softcap,
                     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, SMOOTHING: tl.constexpr,
-                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    RECORD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    GROUP_N: tl.constexpr, REC_N: tl.constexpr, REC_V: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Per (row, split) statistics, each (N, num_splits): max, sum of
-    exp(z - max), target logit (0 unless in this split), sum_j w_j z_ij."""
-    split = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """Per (row, split) statistics, each (N, stats_stride): max, sum of
+    exp(z - max), target logit (0 unless in this split), sum_j w_j z_ij; and
+    with RECORD the tile maxima (cdiv(N, REC_N), rec_cols)."""
+    num_row_blocks = tl.cdiv(N, BLOCK_N)
+    num_splits = tl.num_programs(0) // num_row_blocks
+    row_block, split = grouped_program(tl.program_id(0), num_row_blocks, num_splits, GROUP_N)
+    rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
     num_tiles = tl.cdiv(V, BLOCK_V)
@@ -147,42 +211,75 @@ def _forward_kernel(e_ptr, c_ptr, bias_ptr, weight_ptr, targets_ptr,
             else:
                 w = tl.where(col_mask, 1.0, 0.0)
             weighted_sum += tl.sum(tl.where(col_mask[None, :], z * w[None, :], 0.0), 1)
+        if RECORD:
+            _record_tile_max(tile_max_ptr, z, row_mask, col_mask, row_block, tile,
+                             N, V, rec_cols, REC_N, REC_V, BLOCK_N, BLOCK_V)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(z, 1))
         sum_exp = sum_exp * tl.exp(row_max - new_max) + \
             tl.sum(tl.exp(z - new_max[:, None]), 1)
         row_max = new_max
 
-    at = rows.to(tl.int64) * num_splits + split
+    at = rows.to(tl.int64) * stats_stride + split
     tl.store(max_ptr + at, row_max, mask=row_mask)
     tl.store(sum_ptr + at, sum_exp, mask=row_mask)
     tl.store(target_ptr + at, target_logit, mask=row_mask)
     tl.store(wsum_ptr + at, weighted_sum, mask=row_mask)
 
 
-def num_splits(num_rows: int, vocab: int, block_v: int, device: torch.device) -> int:
-    """How many programs share the vocabulary of a block of rows."""
+@triton.jit
+def _record_tile_max(tile_max_ptr, z, row_mask, col_mask, row_block, tile, N, V, rec_cols,
+                     REC_N: tl.constexpr, REC_V: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Stores the maxima of the REC_N x REC_V blocks of one logit tile."""
+    SUB_N: tl.constexpr = BLOCK_N // REC_N
+    SUB_V: tl.constexpr = BLOCK_V // REC_V
+    valid = row_mask[:, None] & col_mask[None, :]
+    blocks = tl.reshape(tl.where(valid, z, float("-inf")), (SUB_N, REC_N, SUB_V, REC_V))
+    maxima = tl.max(tl.max(blocks, 3), 1)  # (SUB_N, SUB_V)
+    rec_rows = row_block * SUB_N + tl.arange(0, SUB_N)
+    rec_col = tile * SUB_V + tl.arange(0, SUB_V)
+    mask = (rec_rows[:, None] < tl.cdiv(N, REC_N)) & (rec_col[None, :] < rec_cols)
+    tl.store(tile_max_ptr + rec_rows.to(tl.int64)[:, None] * rec_cols + rec_col[None, :],
+             maxima, mask=mask)
+
+
+def _autotuner_kwargs() -> dict[str, object]:
+    # Tuning results on disk: later processes reuse the same choice (and so
+    # compute the same bits) instead of timing again.
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        return {"cache_results": True}
+    return {}
+
+
+_forward_tuned = triton.autotune(configs=autotune_configs(_FORWARD_GPU_CONFIGS),
+                                 key=["V", "D", "N_BUCKET"],
+                                 **_autotuner_kwargs())(_forward_kernel)
+
+
+def num_splits(num_rows: int, vocab: int, block_n: int, block_v: int,
+               device: torch.device) -> int:
+    """How many programs share the vocabulary of a block of rows, for a
+    config with these blocks: ``PROGRAMS_PER_SM`` programs per SM in all."""
     tiles = triton.cdiv(vocab, block_v)
     if INTERPRET or device.type != "cuda":
         return max(1, min(INTERPRET_SPLITS, tiles))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    row_blocks = triton.cdiv(num_rows, NOMINAL_BLOCK_N)
+    row_blocks = triton.cdiv(num_rows, block_n)
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, row_blocks), tiles))
-
-
-def _largest_block_v() -> int:
-    if INTERPRET:
-        return INTERPRET_BLOCK_V
-    return max(v for _, v, _, _, _ in _FORWARD_GPU_CONFIGS)
 
 
 def forward(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
             weight: Tensor | None, spec: LossSpec,
-            precompute: tuple[bool, bool, bool]
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            precompute: tuple[bool, bool, bool], *, tile_max: bool = False
+            ) -> tuple[Tensor, ...]:
     """Float32 loss (reduced as ``spec.reduction`` says) and per-row lse
     (float32), plus three empty tensors: same contract as ``chunked.forward``
-    for ``precompute == (False, False, False)``, the only value accepted."""
+    for ``precompute == (False, False, False)``, the only value accepted.
+
+    With ``tile_max=True`` a sixth tensor is appended: the tile maxima of the
+    module docstring, for ``triton_backward.backward(..., tile_max=...)``.
+    """
     if any(precompute):
         raise ValueError("the Triton forward does not precompute gradients; "
                          "use chunked.forward for that")
@@ -190,20 +287,30 @@ def forward(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
     vocab = c.shape[0]
     terms = row_terms(targets, weight, spec, vocab)
     smoothing = spec.label_smoothing > 0
-    splits = num_splits(num_rows, vocab, _largest_block_v(), e.device)
-    stats = torch.empty(4, num_rows, splits, device=e.device, dtype=torch.float32)
+    configs = candidate_configs(_FORWARD_GPU_CONFIGS)
+    max_splits = max(num_splits(num_rows, vocab, n, v, e.device) for n, v, *_ in configs)
+    stats = torch.zeros(4, num_rows, max_splits, device=e.device, dtype=torch.float32)
+    stats[0].fill_(float("-inf"))  # splits that do not run stay neutral
+    record = torch.empty(triton.cdiv(num_rows, REC_N), triton.cdiv(vocab, REC_V),
+                         device=e.device, dtype=torch.float32) if tile_max else None
     if num_rows > 0:
         def grid(meta):
-            return triton.cdiv(num_rows, meta["BLOCK_N"]), splits
-        _forward_kernel[grid](
-            e, c, bias if bias is not None else e, weight if weight is not None else e,
-            terms.targets, *stats.unbind(0), num_rows, vocab, dim, e.stride(0), e.stride(1),
-            c.stride(0), c.stride(1), splits, float(spec.logit_scale),
-            float(spec.softcap or 1.0),
-            HAS_BIAS=bias is not None, HAS_WEIGHT=weight is not None,
-            HAS_SOFTCAP=spec.softcap is not None, SMOOTHING=smoothing,
-            UPCAST=INTERPRET, DOT_PRECISION=dot_precision(e.dtype),
-        )
+            blocks = triton.cdiv(num_rows, meta["BLOCK_N"])
+            return (blocks * num_splits(num_rows, vocab, meta["BLOCK_N"], meta["BLOCK_V"],
+                                        e.device),)
+        args = (e, c, bias if bias is not None else e, weight if weight is not None else e,
+                terms.targets, *stats.unbind(0), record if record is not None else stats,
+                num_rows, vocab, dim, n_bucket(num_rows), e.stride(0), e.stride(1),
+                c.stride(0), c.stride(1), max_splits, triton.cdiv(vocab, REC_V),
+                float(spec.logit_scale), float(spec.softcap or 1.0))
+        flags = dict(HAS_BIAS=bias is not None, HAS_WEIGHT=weight is not None,
+                     HAS_SOFTCAP=spec.softcap is not None, SMOOTHING=smoothing,
+                     RECORD=tile_max, UPCAST=INTERPRET, DOT_PRECISION=dot_precision(e.dtype),
+                     GROUP_N=GROUP_N, REC_N=REC_N, REC_V=REC_V)
+        if len(configs) > 1:
+            _forward_tuned[grid](*args, **flags)
+        else:
+            _forward_kernel[grid](*args, **flags, **config_kwargs(configs[0]))
     split_max, split_sum, split_target, split_wsum = stats.unbind(0)
     row_max = split_max.amax(1)
     sum_exp = (split_sum * torch.exp(split_max - row_max[:, None])).sum(1)
@@ -213,4 +320,5 @@ def forward(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
     weighted_sum = split_wsum.sum(1) if smoothing else None
     loss = reduce_rows(row_loss(terms, spec, vocab, lse, target_logit, weighted_sum),
                        terms, spec.reduction)
-    return loss, lse, e.new_empty(0), e.new_empty(0), e.new_empty(0)
+    out = (loss, lse, e.new_empty(0), e.new_empty(0), e.new_empty(0))
+    return (*out, record) if tile_max else out
