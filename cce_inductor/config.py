@@ -50,3 +50,9 @@ logits_chunk_bytes: int = int(os.environ.get("CCE_INDUCTOR_CHUNK_MIB", "96")) * 
 def settings_fingerprint() -> str:
     """A string that changes whenever a setting that affects compiled code does."""
     return f"filter_eps={filter_eps!r};drop_escaping_logits={drop_escaping_logits!r}"
+
+
+# Autotuning of the CUDA forward kernel over its tile configs.  Off, every
+# Triton kernel runs one pinned config per shape: no tuning runs (quicker
+# tests and GPU checks), and results are bitwise reproducible across processes.
+triton_autotune: bool = _env_flag("CCE_INDUCTOR_AUTOTUNE", True)
