@@ -299,31 +299,31 @@ def test_gpt2_default_loss_type(caplog: pytest.LogCaptureFixture,
     warning_once = transformers.utils.logging.warning_once
     # As in a process where no backend object was handed out yet.
     monkeypatch.setattr(backend_module, "_backends_handed_out", False)
-    monkeypatch.setattr(dynamo_config, "ignore_logging_functions", set())
+    with dynamo_config.patch(ignore_logging_functions=set()):
+        report = cce_inductor.explain(model, **batch(0))
+        assert report.graphs == 1 and len(report.rewritten) == 1, str(report)
+        assert _ignored_logging() == set()  # explain's setting is scoped to its run
 
-    report = cce_inductor.explain(model, **batch(0))
-    assert report.graphs == 1 and len(report.rewritten) == 1, str(report)
-    assert _ignored_logging() == set()  # explain's setting is scoped to its run
+        cce_inductor.enable()
+        try:
+            assert warning_once in _ignored_logging()
+            torch._dynamo.reset()
+            eager = copy.deepcopy(model)
+            compiled = torch.compile(model, fullgraph=True)  # Inductor, pre-grad pass
+            caplog.set_level(logging.INFO, logger="cce_inductor")
+            with torch._inductor.config.patch(force_disable_caches=True):
+                out = compiled(**batch(1))
+            assert sum("rewrote cross_entropy" in r.getMessage()
+                       for r in caplog.records) == 1
+            assert_close(out.loss, eager(**batch(1)).loss, "loss under enable()")
+        finally:
+            cce_inductor.disable()
+        assert _ignored_logging() == set()
 
-    cce_inductor.enable()
-    try:
+        cce_inductor.make_backend("eager")
         assert warning_once in _ignored_logging()
-        torch._dynamo.reset()
-        eager = copy.deepcopy(model)
-        compiled = torch.compile(model, fullgraph=True)  # Inductor with the pre-grad pass
-        caplog.set_level(logging.INFO, logger="cce_inductor")
-        with torch._inductor.config.patch(force_disable_caches=True):
-            out = compiled(**batch(1))
-        assert sum("rewrote cross_entropy" in r.getMessage() for r in caplog.records) == 1
-        assert_close(out.loss, eager(**batch(1)).loss, "loss under enable()")
-    finally:
         cce_inductor.disable()
-    assert _ignored_logging() == set()
-
-    cce_inductor.make_backend("eager")
-    assert warning_once in _ignored_logging()
-    cce_inductor.disable()
-    assert warning_once in _ignored_logging()  # backends keep it
+        assert warning_once in _ignored_logging()  # backends keep it
 
 
 def test_trainer_num_items_in_batch() -> None:
