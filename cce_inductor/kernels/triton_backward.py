@@ -307,7 +307,7 @@ def _group_rows(vocab: int, dim: int, itemsize: int) -> int:
 
 
 def row_cutoffs(lse: Tensor, coeff: Tensor, smooth: Tensor, threshold: Tensor,
-                weight_max: float) -> Tensor:
+                weight_max: float | Tensor) -> Tensor:
     """Per row, the logit a tile's maximum must pass for the row to keep the
     tile: ``|coeff| exp(z - lse) + |smooth| weight_max > threshold`` needs
     ``z > lse + log((threshold - |smooth| weight_max) / |coeff|)``.  +inf when
@@ -378,8 +378,11 @@ def backward(grad_loss: Tensor | None, grad_lse: Tensor | None, e: Tensor, c: Te
     block_n, block_v, block_d, warps, stages = grad_config(num_rows, dim)
     row_blocks, vocab_blocks = triton.cdiv(num_rows, block_n), triton.cdiv(vocab, block_v)
     if eps is not None and tile_max is not None and num_rows > 0:
-        weight_max = 0.0 if s == 0 else (1.0 if weight is None else
-                                         float(weight.abs().max()) if weight.numel() else 0.0)
+        # A tensor, not a float: no device synchronization.
+        weight_max = 0.0 if s == 0 or weight is None or weight.numel() == 0 else \
+            weight.abs().max().float()
+        if s > 0 and weight is None:
+            weight_max = 1.0
         cutoffs = row_cutoffs(lse, coeff, smooth, threshold, weight_max)
         keep = keep_mask(tile_max, cutoffs, block_n, block_v, num_rows, vocab)
     else:

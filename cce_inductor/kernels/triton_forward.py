@@ -232,13 +232,12 @@ def _record_tile_max(tile_max_ptr, z, row_mask, col_mask, row_block, tile, N, V,
                      REC_N: tl.constexpr, REC_V: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     """Stores the maxima of the REC_N x REC_V blocks of one logit tile."""
-    SUB_N: tl.constexpr = BLOCK_N // REC_N
-    SUB_V: tl.constexpr = BLOCK_V // REC_V
     valid = row_mask[:, None] & col_mask[None, :]
-    blocks = tl.reshape(tl.where(valid, z, float("-inf")), (SUB_N, REC_N, SUB_V, REC_V))
-    maxima = tl.max(tl.max(blocks, 3), 1)  # (SUB_N, SUB_V)
-    rec_rows = row_block * SUB_N + tl.arange(0, SUB_N)
-    rec_col = tile * SUB_V + tl.arange(0, SUB_V)
+    blocks = tl.reshape(tl.where(valid, z, float("-inf")),
+                        (BLOCK_N // REC_N, REC_N, BLOCK_V // REC_V, REC_V))
+    maxima = tl.max(tl.max(blocks, 3), 1)  # (BLOCK_N // REC_N, BLOCK_V // REC_V)
+    rec_rows = row_block * (BLOCK_N // REC_N) + tl.arange(0, BLOCK_N // REC_N)
+    rec_col = tile * (BLOCK_V // REC_V) + tl.arange(0, BLOCK_V // REC_V)
     mask = (rec_rows[:, None] < tl.cdiv(N, REC_N)) & (rec_col[None, :] < rec_cols)
     tl.store(tile_max_ptr + rec_rows.to(tl.int64)[:, None] * rec_cols + rec_col[None, :],
              maxima, mask=mask)
