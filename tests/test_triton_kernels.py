@@ -403,6 +403,10 @@ def test_pinned_config_and_bucket(monkeypatch):
     """Autotuning off leaves one config; the autotune key's N bucket."""
     monkeypatch.setattr(config, "triton_autotune", False)
     assert len(triton_forward.candidate_configs(triton_forward._FORWARD_GPU_CONFIGS)) == 1
+    limit = triton_forward.SHARED_MEMORY_BYTES
+    for itemsize in (2, 4):  # some GPU config fits shared memory for either size
+        assert any(triton_forward.shared_bytes(cfg, itemsize) <= limit
+                   for cfg in triton_forward._FORWARD_GPU_CONFIGS)
     assert [triton_forward.n_bucket(n) for n in (1, 2, 3, 2048, 2049)] == [1, 2, 4, 2048, 4096]
     for n, d in [(1, 8), (2048, 2304), (8192, 4096)]:
         block_n, block_v, *_ = triton_backward.grad_config(n, d)

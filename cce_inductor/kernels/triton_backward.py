@@ -87,15 +87,17 @@ SKIP_MARGIN = 1e-3
 TARGET_BLOCK_N = 16 if INTERPRET else 64
 
 
-def grad_config(num_rows: int, dim: int) -> Config:
-    """The one config the backward runs for this shape (never autotuned, so
-    its summation order is the same in every process).  Its BLOCK_N and
-    BLOCK_V are multiples of the tile maxima's REC_N and REC_V."""
+def grad_config(num_rows: int, dim: int, itemsize: int = 2) -> Config:
+    """The one config the backward runs for this shape and operand size
+    (never autotuned, so its summation order is the same in every process).
+    Its BLOCK_N and BLOCK_V are multiples of the tile maxima's REC_N and
+    REC_V; fp32 operands take BLOCK_D=32 to fit shared memory."""
     if INTERPRET:
         return (INTERPRET_BLOCK_N, INTERPRET_BLOCK_V, INTERPRET_BLOCK_D, 4, 1)
+    block_d = 64 if itemsize <= 2 else 32
     if num_rows >= 4096:
-        return (128, 128, 64, 8, 3)
-    return (64, 128, 64, 4, 3)
+        return (128, 128, block_d, 8, 3)
+    return (64, 128, block_d, 4, 3)
 
 
 @triton.jit
@@ -375,7 +377,7 @@ def backward(grad_loss: Tensor | None, grad_lse: Tensor | None, e: Tensor, c: Te
     threshold = coeff if eps is None else eps * torch.maximum(coeff.abs(), onehot.abs())
     lse = lse.float().contiguous()
 
-    block_n, block_v, block_d, warps, stages = grad_config(num_rows, dim)
+    block_n, block_v, block_d, warps, stages = grad_config(num_rows, dim, e.element_size())
     row_blocks, vocab_blocks = triton.cdiv(num_rows, block_n), triton.cdiv(vocab, block_v)
     if eps is not None and tile_max is not None and num_rows > 0:
         # A tensor, not a float: no device synchronization.

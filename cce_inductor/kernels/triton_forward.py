@@ -68,23 +68,33 @@ _FORWARD_GPU_CONFIGS: list[Config] = [
     (64, 256, 64, 8, 4),
     (128, 128, 32, 4, 4),
     (64, 128, 64, 4, 4),
+    (64, 128, 32, 4, 3),  # fits fp32 operands on every card
 ]
+# Configs whose pipelined operand tiles need more shared memory than this are
+# left out (fp32 operands; an A100 has 164 KiB per SM, an H100 228 KiB).
+SHARED_MEMORY_BYTES = 160 * 2**10
+
+
+def shared_bytes(cfg: Config, itemsize: int) -> int:
+    """Shared memory the pipelined E and C tiles of a config take."""
+    n, v, d, _, stages = cfg
+    return stages * (n + v) * d * itemsize
 _INTERPRET_CONFIG: Config = (INTERPRET_BLOCK_N, INTERPRET_BLOCK_V, INTERPRET_BLOCK_D, 4, 1)
 
 
-def candidate_configs(gpu_configs: list[Config]) -> list[Config]:
-    """The configs a kernel may run with: a single one under the interpreter
-    (which cannot benchmark several), the first alone when
-    ``config.triton_autotune`` is off, else all of them."""
+def candidate_configs(gpu_configs: list[Config], itemsize: int = 2) -> list[Config]:
+    """The configs a kernel may run with for operands of ``itemsize`` bytes: a
+    single one under the interpreter (which cannot benchmark several), the
+    first that fits alone when ``config.triton_autotune`` is off, else every
+    one that fits ``SHARED_MEMORY_BYTES``."""
     if INTERPRET:
         return [_INTERPRET_CONFIG]
-    return list(gpu_configs) if config.triton_autotune else [gpu_configs[0]]
+    fitting = [cfg for cfg in gpu_configs if shared_bytes(cfg, itemsize) <= SHARED_MEMORY_BYTES]
+    return fitting if config.triton_autotune else fitting[:1]
 
 
-def autotune_configs(gpu_configs: list[Config]) -> list[triton.Config]:
-    """Configs for ``triton.autotune``: the given ones on a GPU, a single one
-    under the interpreter."""
-    configs = [_INTERPRET_CONFIG] if INTERPRET else gpu_configs
+def autotune_configs(configs: list[Config]) -> list[triton.Config]:
+    """Configs for ``triton.autotune``."""
     return [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_D": d}, num_warps=w,
                           num_stages=s) for n, v, d, w, s in configs]
 
@@ -251,9 +261,13 @@ def _autotuner_kwargs() -> dict[str, object]:
     return {}
 
 
-_forward_tuned = triton.autotune(configs=autotune_configs(_FORWARD_GPU_CONFIGS),
-                                 key=["V", "D", "N_BUCKET"],
-                                 **_autotuner_kwargs())(_forward_kernel)
+def _tuned(configs: tuple[Config, ...]):
+    return triton.autotune(configs=autotune_configs(list(configs)), key=["V", "D", "N_BUCKET"],
+                           **_autotuner_kwargs())(_forward_kernel)
+
+
+# One autotuner per list of candidates (half-precision and fp32 operands).
+_forward_tuned = functools.cache(_tuned)
 
 
 def num_splits(num_rows: int, vocab: int, block_n: int, block_v: int,
@@ -286,7 +300,7 @@ def forward(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
     vocab = c.shape[0]
     terms = row_terms(targets, weight, spec, vocab)
     smoothing = spec.label_smoothing > 0
-    configs = candidate_configs(_FORWARD_GPU_CONFIGS)
+    configs = candidate_configs(_FORWARD_GPU_CONFIGS, e.element_size())
     max_splits = max(num_splits(num_rows, vocab, n, v, e.device) for n, v, *_ in configs)
     stats = torch.zeros(4, num_rows, max_splits, device=e.device, dtype=torch.float32)
     stats[0].fill_(float("-inf"))  # splits that do not run stay neutral
@@ -307,7 +321,7 @@ def forward(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
                      RECORD=tile_max, UPCAST=INTERPRET, DOT_PRECISION=dot_precision(e.dtype),
                      GROUP_N=GROUP_N, REC_N=REC_N, REC_V=REC_V)
         if len(configs) > 1:
-            _forward_tuned[grid](*args, **flags)
+            _forward_tuned(tuple(configs))[grid](*args, **flags)
         else:
             _forward_kernel[grid](*args, **flags, **config_kwargs(configs[0]))
     split_max, split_sum, split_target, split_wsum = stats.unbind(0)
