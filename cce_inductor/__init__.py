@@ -3,7 +3,8 @@ the N x V logits.
 
 Entry points: ``torch.compile(model, backend=cce_backend)`` (or
 ``backend="cce"``), ``make_backend(inner)``, ``enable()`` / ``CCE_INDUCTOR=1``,
-``explain(model, *args)`` and the op itself, ``linear_cross_entropy``.  For
+``explain(model, *args)`` and the op itself: ``linear_cross_entropy``, and
+``linear_log_probs``, ``linear_entropy``, ``linear_argmax`` for RL and metrics.  For
 ``transformers.Trainer`` and TRL: ``cce_inductor.integrations.huggingface``.
 
 Attributes load on first use, so that importing the package (which
@@ -24,6 +25,9 @@ _PUBLIC = {
     "disable": "backend",
     "explain": "report",
     "linear_cross_entropy": "functional",
+    "linear_log_probs": "functional",
+    "linear_entropy": "functional",
+    "linear_argmax": "functional",
     "config": None,
 }
 __all__ = sorted(_PUBLIC)

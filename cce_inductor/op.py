@@ -4,14 +4,18 @@ Two custom ops in the ``cce`` namespace carry the fused linear-cross-entropy
 through torch.compile as opaque nodes:
 
 ``torch.ops.cce.linear_cross_entropy``
-    e (N, D), c (V, D), targets (N,) -> loss, lse (N,) float32 and,
-    where ``precompute_grads`` asks, the gradients for a unit upstream
-    gradient (empty tensors otherwise).  ``loss`` is float32, (N,) for
-    ``reduction="none"`` and () otherwise; callers cast it to the dtype the
-    logits would have had.
+    e (N, D), c (V, D), targets (N,) or None -> loss, lse (N,), entropy (N,),
+    argmax (N,) and, where ``precompute_grads`` asks, the gradients for a
+    unit upstream gradient (empty tensors otherwise).  ``loss`` is float32,
+    (N,) for ``reduction="none"`` and () otherwise (empty without targets);
+    callers cast it to the dtype the logits would have had.  ``lse`` and
+    ``entropy`` (``-sum p log p``, empty unless ``with_entropy``) are float32;
+    ``argmax`` is int64, the first largest logit of each row after rounding
+    the logits to ``argmax_dtype`` (empty when that is None).  All of them
+    come from the same pass over the vocabulary.
 
 ``torch.ops.cce.linear_cross_entropy_backward``
-    upstream gradients of loss and lse -> grad_e, grad_c, grad_bias
+    upstream gradients of loss, lse and entropy -> grad_e, grad_c, grad_bias
     (empty where not needed).
 
 Computing the gradients during the forward saves recomputing every logit in
@@ -27,13 +31,14 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from ._dynamo_free import assume_constant_result, call_kernels_without_importing_dynamo
 from .kernels import chunked
 from .kernels.chunked import LossSpec
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def check_inputs(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
+def check_inputs(e: Tensor, c: Tensor, targets: Tensor | None, bias: Tensor | None,
                  weight: Tensor | None, reduction: str, label_smoothing: float,
                  softcap: float | None, logit_scale: float) -> None:
     """Raise ``ValueError``/``TypeError`` naming the argument that is wrong.
@@ -57,13 +62,13 @@ def check_inputs(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
             f"e and c must have the same dtype (like e @ c.T), got e: {e.dtype} "
             f"and c: {c.dtype}; cast one of them first"
         )
-    if targets.dtype.is_floating_point or targets.dtype.is_complex or \
-            targets.dtype == torch.bool:
+    if targets is not None and (targets.dtype.is_floating_point or
+                                targets.dtype.is_complex or targets.dtype == torch.bool):
         raise TypeError(
             f"targets must hold integer class indices, got {targets.dtype} "
             "(probability targets are not supported)"
         )
-    if targets.dim() != 1 or targets.shape[0] != e.shape[0]:
+    if targets is not None and (targets.dim() != 1 or targets.shape[0] != e.shape[0]):
         raise ValueError(
             f"targets must have one entry per row of e: expected shape "
             f"({e.shape[0]},), got {tuple(targets.shape)}"
@@ -77,8 +82,8 @@ def check_inputs(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
             )
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {t.dtype}")
-    if bias is not None and bias.dtype != c.dtype:
-        raise TypeError(f"bias must have c's dtype {c.dtype}, got {bias.dtype}")
+    if bias is not None and bias.dtype not in (c.dtype, torch.float32):
+        raise TypeError(f"bias must have c's dtype {c.dtype} or float32, got {bias.dtype}")
     for name, t in (("c", c), ("targets", targets), ("bias", bias), ("weight", weight)):
         if t is not None and t.device != e.device:
             raise ValueError(f"{name} is on {t.device} but e is on {e.device}")
@@ -92,8 +97,10 @@ def check_inputs(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
         raise ValueError(f"logit_scale must be finite, got {logit_scale}")
 
 
-def check_target_values(targets: Tensor, vocab: int, ignore_index: int) -> None:
+def check_target_values(targets: Tensor | None, vocab: int, ignore_index: int) -> None:
     """Check that every target is in [0, V) or ``ignore_index``."""
+    if targets is None:
+        return
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     refuse_bad_targets(bad, targets, f"targets must be in [0, {vocab}) or equal "
                                      f"ignore_index ({ignore_index})")
@@ -120,30 +127,33 @@ def _spec(ignore_index: int, reduction: str, label_smoothing: float,
 
 @torch.library.custom_op("cce::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy_op(
-    e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None, weight: Tensor | None,
-    ignore_index: int, reduction: str, label_smoothing: float, softcap: float | None,
-    logit_scale: float, precompute_grads: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    e: Tensor, c: Tensor, targets: Tensor | None, bias: Tensor | None,
+    weight: Tensor | None, ignore_index: int, reduction: str, label_smoothing: float,
+    softcap: float | None, logit_scale: float, precompute_grads: list[bool],
+    with_entropy: bool = False, argmax_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """See the module docstring; e and targets are already flattened."""
     spec = _checked_spec(e, c, targets, bias, weight, ignore_index, reduction,
                          label_smoothing, softcap, logit_scale)
-    return chunked.forward(e, c, targets, bias, weight, spec, _three(precompute_grads))
+    return chunked.forward(e, c, targets, bias, weight, spec, _three(precompute_grads),
+                           with_entropy, argmax_dtype)
 
 
 @torch.library.custom_op("cce::linear_cross_entropy_backward", mutates_args=())
 def linear_cross_entropy_backward_op(
-    grad_loss: Tensor | None, grad_lse: Tensor | None, e: Tensor, c: Tensor,
-    targets: Tensor, bias: Tensor | None, weight: Tensor | None, lse: Tensor,
-    ignore_index: int, reduction: str, label_smoothing: float, softcap: float | None,
-    logit_scale: float, needs_grad: list[bool],
+    grad_loss: Tensor | None, grad_lse: Tensor | None, grad_entropy: Tensor | None,
+    e: Tensor, c: Tensor, targets: Tensor | None, bias: Tensor | None,
+    weight: Tensor | None, lse: Tensor, entropy: Tensor, ignore_index: int,
+    reduction: str, label_smoothing: float, softcap: float | None, logit_scale: float,
+    needs_grad: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients for e, c and bias (empty tensors where ``needs_grad`` is False)."""
     spec = _spec(ignore_index, reduction, label_smoothing, softcap, logit_scale)
     return chunked.backward(grad_loss, grad_lse, e, c, targets, bias, weight, lse,
-                            spec, _three(needs_grad))
+                            spec, _three(needs_grad), grad_entropy, entropy)
 
 
-def _checked_spec(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
+def _checked_spec(e: Tensor, c: Tensor, targets: Tensor | None, bias: Tensor | None,
                   weight: Tensor | None, ignore_index: int, reduction: str,
                   label_smoothing: float, softcap: float | None,
                   logit_scale: float) -> LossSpec:
@@ -173,7 +183,7 @@ def _triton_kernels() -> tuple[ModuleType, ModuleType] | None:
 
 
 # Evaluated eagerly when traced: it may import Triton, which is no graph code.
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def prefers_forward_gradients(device: torch.device | str) -> bool:
     """Whether the op should compute gradients during the forward on ``device``.
 
@@ -186,24 +196,31 @@ def prefers_forward_gradients(device: torch.device | str) -> bool:
 
 @linear_cross_entropy_op.register_kernel("cuda")
 def _(e, c, targets, bias, weight, ignore_index, reduction, label_smoothing, softcap,
-      logit_scale, precompute_grads):
+      logit_scale, precompute_grads, with_entropy=False, argmax_dtype=None):
     spec = _checked_spec(e, c, targets, bias, weight, ignore_index, reduction,
                          label_smoothing, softcap, logit_scale)
     flags = _three(precompute_grads)
     kernels = _triton_kernels()
-    if kernels is None or any(flags):
-        return chunked.forward(e, c, targets, bias, weight, spec, flags)
-    return kernels[0].forward(e, c, targets, bias, weight, spec, flags)
+    # The Triton kernels serve the loss and lse; the row statistics the
+    # chunked implementation adds in the same sweep.
+    if kernels is None or any(flags) or targets is None or with_entropy or \
+            argmax_dtype is not None:
+        return chunked.forward(e, c, targets, bias, weight, spec, flags, with_entropy,
+                               argmax_dtype)
+    loss, lse, *grads = kernels[0].forward(e, c, targets, bias, weight, spec, flags)
+    return (loss, lse, e.new_empty(0), e.new_empty(0, dtype=torch.long), *grads)
 
 
 @linear_cross_entropy_backward_op.register_kernel("cuda")
-def _(grad_loss, grad_lse, e, c, targets, bias, weight, lse, ignore_index, reduction,
-      label_smoothing, softcap, logit_scale, needs_grad):
+def _(grad_loss, grad_lse, grad_entropy, e, c, targets, bias, weight, lse, entropy,
+      ignore_index, reduction, label_smoothing, softcap, logit_scale, needs_grad):
     spec = _spec(ignore_index, reduction, label_smoothing, softcap, logit_scale)
     kernels = _triton_kernels()
-    implementation = chunked if kernels is None else kernels[1]
-    return implementation.backward(grad_loss, grad_lse, e, c, targets, bias, weight, lse,
-                                   spec, _three(needs_grad))
+    if kernels is None or grad_entropy is not None or targets is None:
+        return chunked.backward(grad_loss, grad_lse, e, c, targets, bias, weight, lse,
+                                spec, _three(needs_grad), grad_entropy, entropy)
+    return kernels[1].backward(grad_loss, grad_lse, e, c, targets, bias, weight, lse,
+                               spec, _three(needs_grad))
 
 
 def _three(flags: list[bool]) -> tuple[bool, bool, bool]:
@@ -223,56 +240,65 @@ def _fake_grads(e: Tensor, c: Tensor, bias: Tensor | None, need_e: bool, need_c:
 
 @linear_cross_entropy_op.register_fake
 def _(e, c, targets, bias, weight, ignore_index, reduction, label_smoothing, softcap,
-      logit_scale, precompute_grads):
+      logit_scale, precompute_grads, with_entropy=False, argmax_dtype=None):
     check_inputs(e, c, targets, bias, weight, reduction, label_smoothing, softcap,
                  logit_scale)
     need_e, need_c, need_bias = _three(precompute_grads)
     num_rows = e.shape[0]
-    loss = e.new_empty((num_rows,) if reduction == "none" else (), dtype=torch.float32)
+    loss_shape = (0,) if targets is None else (num_rows,) if reduction == "none" else ()
+    loss = e.new_empty(loss_shape, dtype=torch.float32)
     lse = e.new_empty(num_rows, dtype=torch.float32)
-    return (loss, lse, *_fake_grads(e, c, bias, need_e, need_c, need_bias))
+    entropy = e.new_empty(num_rows if with_entropy else 0, dtype=torch.float32)
+    argmax = e.new_empty(0 if argmax_dtype is None else num_rows, dtype=torch.long)
+    return (loss, lse, entropy, argmax, *_fake_grads(e, c, bias, need_e, need_c, need_bias))
 
 
 @linear_cross_entropy_backward_op.register_fake
-def _(grad_loss, grad_lse, e, c, targets, bias, weight, lse, ignore_index, reduction,
-      label_smoothing, softcap, logit_scale, needs_grad):
+def _(grad_loss, grad_lse, grad_entropy, e, c, targets, bias, weight, lse, entropy,
+      ignore_index, reduction, label_smoothing, softcap, logit_scale, needs_grad):
     return _fake_grads(e, c, bias, *_three(needs_grad))
 
 
 def _setup_context(ctx, inputs, output) -> None:
     (e, c, targets, bias, weight, ignore_index, reduction, label_smoothing, softcap,
-     logit_scale, precompute_grads) = inputs
-    _, lse, grad_e, grad_c, grad_bias = output
+     logit_scale, precompute_grads, *statistics) = inputs
+    _, lse, entropy, argmax, grad_e, grad_c, grad_bias = output
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(grad_e, grad_c, grad_bias)
-    ctx.save_for_backward(e, c, targets, bias, weight, lse)
+    ctx.mark_non_differentiable(argmax, grad_e, grad_c, grad_bias)
+    ctx.save_for_backward(e, c, targets, bias, weight, lse, entropy)
     ctx.options = (ignore_index, reduction, label_smoothing, softcap, logit_scale)
+    ctx.has_loss = targets is not None
+    ctx.has_entropy = bool(statistics and statistics[0])
     # Held as an attribute, not saved, so the backward can hand these buffers
     # to autograd without a copy; a second backward falls back to recomputing.
     ctx.precomputed = (grad_e, grad_c, grad_bias) if any(precompute_grads) else None
     ctx.precomputed_flags = _three(precompute_grads)
 
 
-def _backward(ctx, grad_loss, grad_lse, *unused_grads):
-    e, c, targets, bias, weight, lse = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_lse, grad_entropy, *unused_grads):
+    e, c, targets, bias, weight, lse, entropy = ctx.saved_tensors
     needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
              bias is not None and ctx.needs_input_grad[3])
     precomputed, ctx.precomputed = ctx.precomputed, None
-    if grad_loss is None and grad_lse is None:
-        return (None,) * 11
-    if (precomputed is not None and grad_lse is None
+    # Outputs that were not asked for are empty; gradients offered for them are not.
+    grad_loss = grad_loss if ctx.has_loss else None
+    grad_entropy = grad_entropy if ctx.has_entropy else None
+    if grad_loss is None and grad_lse is None and grad_entropy is None:
+        return (None,) * 13
+    if (precomputed is not None and grad_lse is None and grad_entropy is None
             and all(have or not need
                     for have, need in zip(ctx.precomputed_flags, needs))):
         grads = tuple(g.mul_(grad_loss) if need else None
                       for g, need in zip(precomputed, needs))
     else:
         grads = linear_cross_entropy_backward_op(
-            grad_loss, grad_lse, e, c, targets, bias, weight, lse, *ctx.options,
-            list(needs),
+            grad_loss, grad_lse, grad_entropy, e, c, targets, bias, weight, lse, entropy,
+            *ctx.options, list(needs),
         )
         grads = tuple(g if need else None for g, need in zip(grads, needs))
     grad_e, grad_c, grad_bias = grads
-    return grad_e, grad_c, None, grad_bias, None, None, None, None, None, None, None
+    return (grad_e, grad_c, None, grad_bias) + (None,) * 9
 
 
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+call_kernels_without_importing_dynamo(linear_cross_entropy_op, linear_cross_entropy_backward_op)

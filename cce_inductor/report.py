@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .backend import rewrite_graph
+from .backend import rewrite_graph, skipping_library_logging
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,8 @@ def explain(model_or_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Expla
 
     compiled = torch.compile(model_or_fn, backend=analyze)
     try:
-        compiled(*args, **kwargs)
+        with skipping_library_logging():
+            compiled(*args, **kwargs)
     finally:
         target = getattr(model_or_fn, "forward", model_or_fn)
         code = getattr(target, "__code__", None)

@@ -48,6 +48,7 @@ class Form:
     ignored_rows: bool = True  # targets include IGNORE
     autocast: bool = False
     available: bool = True  # False where this torch lacks what the form calls
+    calls: int = 1  # op calls in the rewritten graph (one per linear)
 
     @property
     def rewritten(self) -> bool:
@@ -96,6 +97,88 @@ def _two_losses(m, h, y):
     logits = F.linear(h, m.weight).view(-1, V)
     return F.cross_entropy(logits, y.view(-1)) + \
         F.nll_loss(F.log_softmax(logits, -1), y.view(-1).clamp(min=0))
+
+
+def _ellipsis_shift(m, h, y):
+    logits = m.lm_head(h)
+    shift_logits = logits[..., :-1, :].contiguous()
+    shift_labels = y[..., 1:].contiguous()
+    return F.cross_entropy(shift_logits.view(-1, shift_logits.size(-1)),
+                           shift_labels.view(-1))
+
+
+def _final_logits_bias(m, h, y):
+    bias = m.bias.detach().view(1, V)  # a (1, V) buffer, as BART's final_logits_bias
+    logits = F.linear(h, m.weight) + bias
+    return F.cross_entropy(logits.view(-1, V), y.view(-1))
+
+
+def _padded_vocabulary(m, h, y):
+    logits = F.linear(h, m.weight)[..., : V - 5]  # classes past V - 5 are padding
+    return F.cross_entropy(logits.reshape(-1, V - 5), (y % (V - 5)).reshape(-1))
+
+
+def _selective_log_softmax(m, h, y):
+    logits = F.linear(h, m.weight)
+    token_logits = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    logprobs = token_logits - logits.logsumexp(-1)
+    return -logprobs.mean()
+
+
+def _grpo_inplace_temperature(m, h, y):
+    logits = F.linear(h, m.weight)[:, :-1, :]
+    logits = logits[:, -4:]
+    logits.div_(0.7)
+    logprobs = torch.log_softmax(logits, -1).gather(-1, y[:, -4:, None]).squeeze(-1)
+    return -logprobs.sum()
+
+
+def _logprob_and_entropy(m, h, y):
+    logp = F.log_softmax(F.linear(h, m.weight) / 0.9, -1)
+    token_logp = logp.gather(-1, y[..., None]).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return -(token_logp + 0.01 * entropy).mean()
+
+
+def _entropy_softmax(m, h, y):
+    logits = F.linear(h, m.weight)
+    entropy = -(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1)
+    return F.cross_entropy(logits.view(-1, V), y.view(-1)) - 0.1 * entropy.mean()
+
+
+def _entropy_lse(m, h, y):
+    logits = F.linear(h, m.weight)
+    entropy = torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+    return entropy.pow(2).mean()
+
+
+def _reference_logprobs(m, h, y):
+    with torch.no_grad():
+        reference = torch.log_softmax(F.linear(h, m.embed.weight), -1).gather(
+            -1, y[..., None]).squeeze(-1)
+    policy = -F.cross_entropy(m.lm_head(h).view(-1, V), y.view(-1), reduction="none")
+    return ((policy.view_as(reference) - reference) ** 2).mean()
+
+
+def _loss_and_accuracy_no_grad(m, h, y):
+    logits = m.lm_head(h)
+    loss = F.cross_entropy(logits.view(-1, V), y.view(-1), ignore_index=IGNORE)
+    with torch.no_grad():
+        accuracy = (logits.argmax(-1) == y).float().mean()
+    return loss + 0.0 * accuracy
+
+
+def _sampling(m, h, y):
+    logits = F.linear(h, m.weight)
+    sample = torch.multinomial(F.softmax(logits.view(-1, V), -1), 1)
+    return F.cross_entropy(logits.view(-1, V), y.view(-1)) + 0.0 * sample.sum()
+
+
+def _full_kl(m, h, y):
+    logp = F.log_softmax(F.linear(h, m.weight), -1)
+    reference = F.log_softmax(F.linear(h, m.embed.weight), -1).detach()
+    kl = F.kl_div(logp, reference, log_target=True, reduction="batchmean")
+    return -logp.gather(-1, y[..., None]).mean() + kl
 
 
 def _autocast_bf16(m, h, y):
@@ -193,6 +276,52 @@ FORMS: list[Form] = [
          lambda m, h, y: F.cross_entropy((F.linear(h, m.weight) / 0.7).view(-1, V),
                                          y.view(-1))),
     Form("z_loss", "cross_entropy + 1e-2 * logsumexp(logits, -1).pow(2).mean()", _z_loss),
+    Form("ellipsis_shift", "logits[..., :-1, :].contiguous(); view(-1, logits.size(-1))",
+         _ellipsis_shift),
+    Form("log_softmax_view_nll", "F.nll_loss(F.log_softmax(z, -1).view(-1, V), y.view(-1))",
+         lambda m, h, y: F.nll_loss(F.log_softmax(F.linear(h, m.weight), -1).view(-1, V),
+                                    y.view(-1))),
+    Form("permute_class_dim", "F.cross_entropy(logits.permute(0, 2, 1), y)",
+         lambda m, h, y: F.cross_entropy(F.linear(h, m.weight).permute(0, 2, 1), y)),
+    Form("class_dim_1", "F.cross_entropy(logits.transpose(1, 2), y)",
+         lambda m, h, y: F.cross_entropy(F.linear(h, m.weight).transpose(1, 2), y)),
+    Form("einsum", "torch.einsum('btd,vd->btv', h, W)",
+         lambda m, h, y: F.cross_entropy(torch.einsum("btd,vd->btv", h, m.weight)
+                                         .reshape(-1, V), y.reshape(-1))),
+    Form("addmm", "torch.addmm(b, h2, W.t())",
+         lambda m, h, y: F.cross_entropy(torch.addmm(m.bias, h.view(-1, D), m.weight.t()),
+                                         y.view(-1)), bias=True),
+    Form("last_position", "F.cross_entropy(logits[:, -1, :], y[:, -1])",
+         lambda m, h, y: F.cross_entropy(F.linear(h, m.weight)[:, -1, :], y[:, -1]),
+         ignored_rows=False),
+    Form("narrow_shift", "logits.narrow(1, 0, T - 1)",
+         lambda m, h, y: F.cross_entropy(F.linear(h, m.weight).narrow(1, 0, T - 1)
+                                         .reshape(-1, V), y[:, 1:].reshape(-1))),
+    Form("final_logits_bias", "logits + bias of shape (1, V) (BART)", _final_logits_bias,
+         bias=True),
+    Form("padded_vocabulary", "logits[..., :V - 5] (padded vocabulary)", _padded_vocabulary,
+         ignored_rows=False),
+    Form("take_along_dim", "torch.take_along_dim(log_softmax(z), y[..., None], dim=-1)",
+         lambda m, h, y: -torch.take_along_dim(F.log_softmax(h @ m.weight.T, -1),
+                                               y[..., None], dim=-1).mean(),
+         ignored_rows=False),
+    Form("handwritten_log_softmax", "lp = z - z.logsumexp(-1, keepdim=True); lp.gather",
+         lambda m, h, y: -(lambda z: z - z.logsumexp(-1, keepdim=True))(
+             F.linear(h, m.weight)).gather(-1, y[..., None]).mean(), ignored_rows=False),
+    Form("selective_log_softmax", "z.gather(-1, y[..., None]).squeeze(-1) - z.logsumexp(-1)",
+         _selective_log_softmax, ignored_rows=False),
+    Form("grpo_inplace_temperature", "z[:, :-1][:, -k:]; z.div_(T); log_softmax.gather",
+         _grpo_inplace_temperature, ignored_rows=False),
+    Form("logprob_and_entropy", "log-probs and -(lp.exp() * lp).sum(-1) at temperature",
+         _logprob_and_entropy, ignored_rows=False),
+    Form("entropy_softmax", "loss - 0.1 * -(softmax(z) * log_softmax(z)).sum(-1)",
+         _entropy_softmax),
+    Form("entropy_lse", "logsumexp(z) - (softmax(z) * z).sum(-1)", _entropy_lse,
+         ignored_rows=False),
+    Form("reference_logprobs", "policy -CE(reduction='none'), reference under no_grad",
+         _reference_logprobs, ignored_rows=False, calls=2),
+    Form("accuracy_no_grad", "loss, and accuracy from logits.argmax(-1) under no_grad",
+         _loss_and_accuracy_no_grad),
     Form("torch_linear_cross_entropy", "F.linear_cross_entropy(h2, W, y2) (torch 2.13+)",
          lambda m, h, y: F.linear_cross_entropy(h.view(-1, D), m.weight, y.view(-1)),
          available=hasattr(F, "linear_cross_entropy")),
@@ -204,13 +333,17 @@ FORMS: list[Form] = [
     Form("log_softmax_other_dim", "log_softmax(logits, dim=0).gather(-1, ...)",
          lambda m, h, y: -F.log_softmax(F.linear(h.view(-1, D), m.weight), 0).gather(
              -1, y.view(-1, 1)).mean(), reason="not the vocabulary", ignored_rows=False),
-    Form("argmax_consumer", "loss + accuracy from logits.argmax(-1)", _with_accuracy,
-         reason="needs the full matrix"),
+    Form("argmax_consumer", "loss + accuracy from logits.argmax(-1)", _with_accuracy),
     Form("two_losses", "two losses from the same logits", _two_losses,
          reason="second loss"),
-    Form("class_dim_1", "F.cross_entropy(logits.transpose(1, 2), y)",
-         lambda m, h, y: F.cross_entropy(F.linear(h, m.weight).transpose(1, 2), y),
-         reason="not 2-D"),
+    Form("sampling", "loss, and torch.multinomial(softmax(logits))", _sampling,
+         reason="needs the full matrix"),
+    Form("full_kl", "KL divergence to a full reference distribution", _full_kl,
+         reason="needs the full matrix", ignored_rows=False),
+    Form("class_dim_1_unpermuted", "F.cross_entropy(logits (B, T, V), y (B, V)): class dim T",
+         lambda m, h, y: F.cross_entropy(F.linear(h, m.weight)[:, :, :T],
+                                         y.clamp(min=0) % T),
+         reason="not the logits' vocabulary", ignored_rows=False),
 ]
 
 FORMS_BY_NAME = {form.name: form for form in FORMS}

@@ -1,6 +1,7 @@
 """Differential fuzzing: random losses built from the catalogue's building blocks,
 compiled with the rewrite, must match eager in the loss and every gradient, and
-must be rewritten exactly when no blocker is present.
+must be rewritten into one op call exactly when no consumer needs the whole
+matrix (top-k stands for those).
 
 CI runs a quick, derandomized profile (the same examples every run);
 ``python tools/fuzz_rewrite.py`` runs a long, random one.
@@ -31,21 +32,24 @@ def programs(draw):
     return dict(
         batch=draw(st.integers(1, 3)), seq=draw(st.integers(2, 6)),
         dim=draw(st.integers(1, 9)), vocab=draw(st.integers(2, 50)),
-        form=draw(st.sampled_from(["cross_entropy", "nll_loss", "gather"])),
+        form=draw(st.sampled_from(["cross_entropy", "nll_loss", "gather", "selective",
+                                   "class_dim"])),
         reduction=draw(st.sampled_from(["mean", "sum", "none"])),
         smoothing=draw(st.sampled_from([0.0, 0.1])),
-        bias=draw(st.booleans()), shift=draw(st.booleans()),
+        bias=draw(st.booleans()), shift=draw(st.sampled_from([None, "slice", "ellipsis",
+                                                             "narrow"])),
         upcast=draw(st.booleans()), flatten=draw(st.sampled_from(["view", "reshape"])),
         scale=draw(st.sampled_from([None, 0.5, 3.0])),
         softcap=draw(st.sampled_from([None, 4.0])),
-        blocker=draw(st.sampled_from([None, None, None, "argmax", "class_dim"])),
+        inplace_temperature=draw(st.booleans()),
+        extra=draw(st.sampled_from([None, None, "argmax", "lse", "entropy", "topk"])),
         seed=draw(st.integers(0, 2**16)),
     )
 
 
 def build(p):
     """The loss function the program describes, written the way users write it."""
-    V = p["vocab"]
+    V, T = p["vocab"], p["seq"]
 
     def loss_fn(h, w, b, y):
         logits = h @ w.T + b if p["bias"] else F.linear(h, w)
@@ -56,30 +60,54 @@ def build(p):
         if p["upcast"]:
             logits = logits.float()
         labels = y
-        if p["shift"]:
-            logits, labels = logits[:, :-1], y[:, 1:]
-            if p["flatten"] == "view":
-                logits, labels = logits.contiguous(), labels.contiguous()
-        extra = 0.0
-        if p["blocker"] == "argmax":
-            extra = (logits.argmax(-1) == labels).float().mean() * 0.0
-        if p["blocker"] == "class_dim":
-            return F.cross_entropy(logits.transpose(1, 2), labels) + extra
-        flat = getattr(logits, p["flatten"])(-1, V)
-        flat_labels = getattr(labels, p["flatten"])(-1)
-        if p["form"] == "cross_entropy":
-            loss = F.cross_entropy(flat, flat_labels, reduction=p["reduction"],
+        if p["shift"] == "slice":
+            logits, labels = logits[:, :-1].contiguous(), y[:, 1:].contiguous()
+        elif p["shift"] == "ellipsis":
+            logits, labels = logits[..., :-1, :], y[..., 1:]
+        elif p["shift"] == "narrow":
+            logits, labels = logits.narrow(1, 0, T - 1), y.narrow(1, 1, T - 1)
+        if p["inplace_temperature"] and p["softcap"] is None:
+            logits = logits.clone()
+            logits.div_(0.8)
+        if p["form"] == "class_dim":
+            loss = F.cross_entropy(logits.transpose(1, 2), labels, reduction=p["reduction"],
                                    label_smoothing=p["smoothing"])
-        elif p["form"] == "nll_loss":
-            loss = F.nll_loss(F.log_softmax(flat, -1), flat_labels, reduction=p["reduction"])
+            flat = logits.reshape(-1, V)
         else:
-            nll = -F.log_softmax(flat, -1).gather(-1, flat_labels.unsqueeze(-1)).squeeze(-1)
-            loss = {"mean": nll.mean(), "sum": nll.sum(), "none": nll}[p["reduction"]]
+            flat = getattr(logits.contiguous(), p["flatten"])(-1, V)
+            flat_labels = getattr(labels.contiguous(), p["flatten"])(-1)
+            loss = _loss(p, flat, flat_labels)
         if p["reduction"] == "none":
-            loss = (loss * torch.linspace(0.5, 1.5, loss.numel())).sum()
-        return loss + extra
+            loss = (loss * torch.linspace(0.5, 1.5, loss.numel()).view_as(loss)).sum()
+        return loss + _extra(p["extra"], flat, labels)
 
     return loss_fn
+
+
+def _loss(p, flat, labels):
+    if p["form"] == "cross_entropy":
+        return F.cross_entropy(flat, labels, reduction=p["reduction"],
+                               label_smoothing=p["smoothing"])
+    if p["form"] == "nll_loss":
+        return F.nll_loss(F.log_softmax(flat, -1), labels, reduction=p["reduction"])
+    if p["form"] == "gather":
+        nll = -F.log_softmax(flat, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    else:
+        nll = flat.logsumexp(-1) - flat.gather(-1, labels[:, None]).squeeze(-1)
+    return {"mean": nll.mean(), "sum": nll.sum(), "none": nll}[p["reduction"]]
+
+
+def _extra(extra, flat, labels):
+    """A second consumer of the same logits; top-k needs the whole matrix."""
+    if extra == "argmax":
+        return (flat.argmax(-1) == labels.reshape(-1)).float().mean() * 0.0
+    if extra == "lse":
+        return 1e-2 * flat.logsumexp(-1).pow(2).mean()
+    if extra == "entropy":
+        return 0.1 * (F.softmax(flat, -1) * F.log_softmax(flat, -1)).sum(-1).mean()
+    if extra == "topk":
+        return flat.topk(1, -1).values.sum() * 0.0
+    return 0.0
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=not LONG_PROFILE,
@@ -110,4 +138,4 @@ def test_random_loss_programs_match_eager(p):
 
     rewritten = sum(n.target is fused_linear_cross_entropy
                     for gm in graphs for n in gm.graph.nodes)
-    assert rewritten == (0 if p["blocker"] else 1), p
+    assert rewritten == (0 if p["extra"] == "topk" else 1), p

@@ -18,8 +18,10 @@ import torch
 from torch.fx import Node
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from .vocab_parallel import plan_for
+
 if TYPE_CHECKING:
-    from .match import Site
+    from .site import Site
 
 VOCAB_PARALLEL_HINT = "use cce_inductor.parallel.vocab_parallel_linear_cross_entropy"
 
@@ -53,8 +55,6 @@ def _dtensor_reason(role: str, value: Any, site: Site) -> str:
     vocab_dim = 1 if role == "classifier" and site.classifier_is_transposed else 0
     sharded = [p.dim % value.dim() for p in value.placements if isinstance(p, Shard)]
     if role == "classifier" and vocab_dim in sharded:
-        from .vocab_parallel import plan_for
-
         plan, why = plan_for(site, value)
         if plan is not None:
             site.vocab_parallel = plan  # served by the vocabulary-parallel loss

@@ -1,104 +1,164 @@
-"""What replaces it: one call of the fused op in place of the matched loss.
+"""What replaces it: one call of the fused op in place of a site's consumers.
 
-For a ``Site`` that ``match`` accepted, the rewrite inserts before the anchor
+For a ``Site`` that ``match`` accepted, the rewrite inserts before the first
+consumer
 
-    e = <hidden, with the same row slices and flattens>.flatten(0, -2)
-    loss, lse = fused_linear_cross_entropy(e, c, targets.flatten(), ...)
+    e = <hidden, with the row operations replayed>.flatten(0, -2)
+    c = <classifier, transposed and sliced as the logits were>
+    loss, lse, entropy, argmax = fused_linear_cross_entropy(e, c, targets, ...)
 
-then points the anchor's users (and any logsumexp of the same logits) at the
-new values and erases the logits chain where nothing else uses it.
+(only the outputs the consumers need), points every consumer's users at the
+value it stood for, and erases the logits chain where nothing else uses it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import operator
 import warnings
-from typing import Any
 
 import torch
 from torch.fx import Graph, Node
 
 from .. import config
 from ..functional import fused_linear_cross_entropy
-from .match import FLATTEN_ROWS, Site
+from .edit import NodeMaker, erase_unused
+from .site import Consumer, Site, replay_rows
+from .vocab_parallel import rewrite_vocab_parallel
 
 _warned_dropped_logits = False
 
+# The op's per-row outputs each consumer kind is made of.
+_NEEDS = {"loss": (), "log_prob": (), "logit": ("lse",), "lse": ("lse",),
+          "neg_entropy": ("entropy",), "entropy": ("entropy",),
+          "mean_logit": ("lse", "entropy"), "argmax": ("argmax",)}
+
 
 def rewrite_site(graph: Graph, site: Site) -> None:
-    """Replace ``site``'s loss with one op call; the graph stays valid.
+    """Replace ``site``'s consumers with one op call; the graph stays valid.
 
     New nodes are all built before any existing node is touched, so a failure
     while building leaves only unused new nodes behind.
     """
+    for node in site.hoist:  # pure inputs the user computed after the first consumer
+        site.anchor.prepend(node)
     if site.vocab_parallel is not None:
-        from .vocab_parallel import rewrite_vocab_parallel
-
         return rewrite_vocab_parallel(graph, site)
     with graph.inserting_before(site.anchor):
-        new = _NodeMaker(graph, site.anchor)
-        hidden = site.hidden
-        for op in site.row_ops:
-            if op == FLATTEN_ROWS:
-                hidden = new.method("flatten", hidden, 0, -2)
-            else:
-                hidden = new.function(operator.getitem, hidden, op)
-        rows = hidden
-        e = rows if _ndim(rows) == 2 else new.method("flatten", rows, 0, -2)
-        c = site.classifier
-        if site.classifier_is_transposed:
-            c = new.method("t", c)
-        bias = site.bias
+        new = NodeMaker(graph, site.anchor)
+        rows = replay_rows(site.hidden, site.row_ops, new.function, new.method)
+        e = _as_matrix(new, rows)
+        c, bias = _classifier(new, site)
         if _dtype(e) != site.compute_dtype:  # the linear ran under autocast
             e = new.method("to", e, site.compute_dtype)
             c = new.method("to", c, site.compute_dtype)
-            bias = None if bias is None else new.method("to", bias, site.compute_dtype)
+        if bias is not None and _dtype(bias) != _dtype(c):
+            bias = new.method("to", bias, _dtype(c))
+        target = site.target_consumer()
         targets = site.targets
-        if _ndim(targets) != 1:
-            targets = new.method("flatten", targets)
-        wants_lse = bool(site.logsumexp_users)
+        if targets is not None and _value(targets).dim() != 1:
+            targets = new.method("reshape", targets, -1)
+        needs = {need for consumer in site.consumers for need in _NEEDS[consumer.kind]}
+        argmax = next((c for c in site.consumers if c.kind == "argmax"), None)
         result = new.function(
             fused_linear_cross_entropy, e, c, targets, bias, site.weight,
             site.ignore_index, site.reduction, site.label_smoothing, site.softcap,
-            site.logit_scale, wants_lse, loss_dtype=site.logits_dtype,
-        )
-        loss = new.function(operator.getitem, result, 0) if wants_lse else result
-        lse = new.function(operator.getitem, result, 1) if wants_lse else None
-        replacement = _loss_replacement(new, site, loss)
-        lse_replacements = [(user, _logsumexp_replacement(new, user, lse, rows))
-                            for user in site.logsumexp_users]
+            site.logit_scale, "lse" in needs,
+            loss_dtype=torch.float32 if target is None or target.kind != "loss" else
+            site.logits_dtype,
+            return_entropy="entropy" in needs,
+            argmax_dtype=None if argmax is None else argmax.dtype)
+        outputs = _unpack(new, result, target is not None, needs)
+        replacements = [(consumer, _replacement(new, consumer, outputs, rows))
+                        for consumer in site.consumers]
 
     # Everything above only added nodes; from here on the graph changes.
-    for user, value in lse_replacements:
-        user.replace_all_uses_with(value)
-        graph.erase_node(user)
-    site.anchor.replace_all_uses_with(replacement)
+    for consumer, value in replacements:
+        consumer.node.replace_all_uses_with(value)
     _drop_escaping_logits(graph, site)
-    anchor_inputs = site.anchor.all_input_nodes
-    graph.erase_node(site.anchor)
-    _erase_unused(graph, anchor_inputs + site.chain)
+    dead = [n for c in site.consumers for n in c.node.all_input_nodes]
+    for consumer in site.consumers:
+        graph.erase_node(consumer.node)
+    erase_unused(graph, dead + site.chain + site.inplace)
 
 
-def _loss_replacement(new: _NodeMaker, site: Site, loss: Node) -> Node:
-    if site.form != "gather":
-        return loss
-    # gather(log_softmax, -1, y.unsqueeze(-1)) is -loss per row, shaped like y[..., None].
-    index = site.anchor.args[2] if len(site.anchor.args) > 2 else \
-        site.anchor.kwargs["index"]
-    return new.method("view_as", new.function(operator.neg, loss), index)
+def _as_matrix(new: NodeMaker, rows: Node) -> Node:
+    ndim = _value(rows).dim()
+    if ndim == 1:  # one row: argmax of a single position, say
+        return new.method("unsqueeze", rows, 0)
+    return rows if ndim == 2 else new.method("flatten", rows, 0, -2)
 
 
-def _logsumexp_replacement(new: _NodeMaker, user: Node, lse: Node, rows: Node) -> Node:
-    lead = new.function(operator.getitem, new.method("size", rows), slice(None, -1))
-    value = new.method("reshape", lse, lead)
-    out_dtype = _dtype(user)
-    if out_dtype != torch.float32:
-        value = new.method("to", value, out_dtype)
-    keepdim = user.kwargs.get("keepdim", user.args[2] if len(user.args) > 2 else False)
-    if keepdim:
+def _classifier(new: NodeMaker, site: Site) -> tuple[Node, Node | None]:
+    c = site.classifier
+    if site.classifier_batch_dims:
+        c = new.function(operator.getitem, c, (0,) * site.classifier_batch_dims)
+    if site.classifier_is_transposed:
+        c = new.method("t", c)
+    bias = site.bias
+    if bias is not None and _value(bias).dim() != 1:
+        bias = new.method("reshape", bias, -1)
+    if site.vocab_slice is not None:
+        vocab = slice(*site.vocab_slice)
+        c = new.function(operator.getitem, c, vocab)
+        if bias is not None and site.bias_is_sliced:
+            bias = new.function(operator.getitem, bias, vocab)
+    return c, bias
+
+
+def _unpack(new: NodeMaker, result: Node, has_loss: bool, needs: set[str]
+            ) -> dict[str, Node]:
+    names = ["loss"] + [n for n in ("lse", "entropy", "argmax") if n in needs]
+    if len(names) == 1:
+        return {"loss": result}
+    return {name: new.function(operator.getitem, result, i)
+            for i, name in enumerate(names) if name != "loss" or has_loss}
+
+
+def _replacement(new: NodeMaker, consumer: Consumer, out: dict[str, Node],
+                 rows: Node) -> Node:
+    kind = consumer.kind
+    if kind == "loss":
+        loss = out["loss"]
+        if _value(loss).dim() == 0:
+            return loss
+        return new.method("view_as", loss, consumer.node.args[1]
+                          if len(consumer.node.args) > 1 else consumer.node.kwargs["target"])
+    if kind in ("log_prob", "logit"):
+        per_row = new.function(operator.neg, out["loss"])  # log p_y = -(lse - z_y)
+        if kind == "logit":
+            per_row = new.function(operator.add, per_row, out["lse"])
+        return new.method("view_as", _cast_like(new, per_row, consumer.node),
+                          consumer.index)
+    if kind == "neg_entropy":
+        per_row = new.function(operator.neg, out["entropy"])
+    elif kind == "mean_logit":
+        per_row = new.function(operator.sub, out["lse"], out["entropy"])
+    else:
+        per_row = out[{"lse": "lse", "entropy": "entropy", "argmax": "argmax"}[kind]]
+    return _cast_like(new, _shaped_like(new, per_row, consumer.node, rows), consumer.node)
+
+
+def _shaped_like(new: NodeMaker, per_row: Node, like: Node, rows: Node) -> Node:
+    """``per_row`` (one entry per row) in ``like``'s shape."""
+    shape = tuple(_value(like).shape)
+    symbolic = [i for i, s in enumerate(shape) if not isinstance(s, int)]
+    if len(symbolic) <= 1:
+        return new.method("reshape", per_row,
+                          tuple(-1 if i in symbolic else s for i, s in enumerate(shape)))
+    lead = tuple(_value(rows).shape[:-1])
+    if [str(s) for s in shape[:len(lead)]] != [str(s) for s in lead] or \
+            any(s != 1 for s in shape[len(lead):]):
+        raise RuntimeError(f"cannot express the shape {shape} of {like.name}")
+    lead_sizes = new.function(operator.getitem, new.method("size", rows), slice(None, -1))
+    value = new.method("reshape", per_row, lead_sizes)
+    for _ in shape[len(lead):]:
         value = new.method("unsqueeze", value, -1)
     return value
+
+
+def _cast_like(new: NodeMaker, value: Node, like: Node) -> Node:
+    dtype = _value(like).dtype
+    return value if _dtype(value) == dtype else new.method("to", value, dtype)
 
 
 def _drop_escaping_logits(graph: Graph, site: Site) -> None:
@@ -110,7 +170,7 @@ def _drop_escaping_logits(graph: Graph, site: Site) -> None:
     output = next(n for n in graph.nodes if n.op == "output")
     for logits in site.escaping:
         with graph.inserting_before(output):
-            empty = _NodeMaker(graph, logits).method("new_empty", logits, (0,))
+            empty = NodeMaker(graph, logits).method("new_empty", logits, (0,))
         output.replace_input_with(logits, empty)
     if not _warned_dropped_logits:
         _warned_dropped_logits = True
@@ -120,69 +180,10 @@ def _drop_escaping_logits(graph: Graph, site: Site) -> None:
             "empty tensor is returned in their place.", stacklevel=2)
 
 
-def _erase_unused(graph: Graph, nodes: list[Node]) -> None:
-    """Erase ``nodes``, and what only they used, wherever nothing uses them now."""
-    pending = list(nodes)
-    while pending:
-        node = pending.pop()
-        if node._erased or node.users or node.op in ("placeholder", "output") or \
-                node.is_impure():
-            continue
-        inputs = node.all_input_nodes
-        graph.erase_node(node)
-        pending.extend(inputs)
-
-
-def _ndim(node: Node) -> int | None:
-    value = node.meta.get("example_value")
-    return value.dim() if isinstance(value, torch.Tensor) else None
+def _value(node: Node) -> torch.Tensor:
+    return node.meta["example_value"]
 
 
 def _dtype(node: Node) -> torch.dtype | None:
-    value = node.meta.get("example_value")
-    return value.dtype if isinstance(value, torch.Tensor) else None
-
-
-class _NodeMaker:
-    """Inserts nodes with the metadata the rest of torch.compile expects.
-
-    Each new node gets the anchor's stack trace and module stack, and an
-    ``example_value`` computed by running it on the inputs' fake values.
-    """
-
-    def __init__(self, graph: Graph, like: Node) -> None:
-        self.graph = graph
-        self.like = like
-
-    def function(self, target: Any, *args: Any, **kwargs: Any) -> Node:
-        return self._finish(self.graph.call_function(target, args, kwargs), target,
-                            args, kwargs, method=False)
-
-    def method(self, name: str, *args: Any, **kwargs: Any) -> Node:
-        return self._finish(self.graph.call_method(name, args, kwargs), name, args,
-                            kwargs, method=True)
-
-    def _finish(self, node: Node, target: Any, args: tuple, kwargs: dict,
-                method: bool) -> Node:
-        for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
-            if key in self.like.meta:
-                node.meta[key] = self.like.meta[key]
-        fake_args, fake_kwargs = torch.fx.node.map_aggregate(
-            (args, kwargs),
-            lambda a: a.meta.get("example_value") if isinstance(a, Node) else a)
-        fake_mode = _fake_mode(self.like)
-        with fake_mode if fake_mode is not None else contextlib.nullcontext():
-            if method:
-                value = getattr(fake_args[0], target)(*fake_args[1:], **fake_kwargs)
-            else:
-                value = target(*fake_args, **fake_kwargs)
-        node.meta["example_value"] = value
-        return node
-
-
-def _fake_mode(node: Node):
-    for n in node.graph.nodes:
-        value = n.meta.get("example_value")
-        if isinstance(value, torch._subclasses.FakeTensor):
-            return value.fake_mode
-    return None
+    found = node.meta.get("example_value")
+    return found.dtype if isinstance(found, torch.Tensor) else None

@@ -19,7 +19,6 @@ loss comes back replicated, wrapped as the DTensor the original loss produced.
 from __future__ import annotations
 
 import logging
-import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,8 +26,11 @@ import torch
 from torch import Tensor
 from torch.fx import Graph, Node
 
+from .edit import NodeMaker, erase_unused
+from .site import run_rows
+
 if TYPE_CHECKING:
-    from .match import Site
+    from .site import Site
 
 log = logging.getLogger("cce_inductor")
 
@@ -60,8 +62,8 @@ def plan_for(site: Site, classifier: Any) -> tuple[VocabParallelPlan | None, str
         return None, f"the {site.form} form is not served by the vocabulary-parallel loss"
     if site.label_smoothing:
         return None, "label smoothing is not supported by the vocabulary-parallel loss"
-    if site.logsumexp_users:
-        return None, "a logsumexp of the logits is used as well"
+    if site.vocab_slice is not None or site.classifier_batch_dims:
+        return None, "the logits slice the vocabulary or come from a batched matmul"
 
     mesh = classifier.device_mesh
     vocab_dim = 1 if site.classifier_is_transposed else 0
@@ -130,11 +132,9 @@ def shard_range(size: int, parts: int, index: int) -> tuple[int, int]:
 
 def rewrite_vocab_parallel(graph: Graph, site: Site) -> None:
     """Replace ``site``'s loss with one ``vocab_parallel_cross_entropy`` call."""
-    from .rewrite import _erase_unused, _NodeMaker
-
     plan = site.vocab_parallel
     with graph.inserting_before(site.anchor):
-        new = _NodeMaker(graph, site.anchor)
+        new = NodeMaker(graph, site.anchor)
         output = _value(site.anchor)
         replacement = new.function(
             vocab_parallel_cross_entropy, site.hidden, site.classifier, site.bias,
@@ -148,7 +148,7 @@ def rewrite_vocab_parallel(graph: Graph, site: Site) -> None:
     site.anchor.replace_all_uses_with(replacement)
     anchor_inputs = site.anchor.all_input_nodes
     graph.erase_node(site.anchor)
-    _erase_unused(graph, anchor_inputs + site.chain)
+    erase_unused(graph, anchor_inputs + site.chain)
     log.info("cce_inductor serves %s at %s with the vocab-parallel loss: V=%d over %d "
              "ranks, rows [%d, %d) here", site.form, site.source_line(), plan.vocab_size,
              plan.group_size, plan.vocab_start, plan.vocab_start + plan.local_size)
@@ -170,12 +170,9 @@ def vocab_parallel_cross_entropy(
     graph was rewritten, and are checked here.
     """
     from ..parallel import vocab_parallel_op
-    from .match import FLATTEN_ROWS
 
     mesh = classifier.device_mesh
-    e = _to_local(hidden)
-    for op in row_ops:
-        e = e.flatten(0, -2) if op == FLATTEN_ROWS else operator.getitem(e, op)
+    e = run_rows(_to_local(hidden), list(row_ops))
     e = e.reshape(-1, e.shape[-1])
     c = classifier.to_local()
     if transposed:

@@ -20,6 +20,10 @@ and its derivative with respect to ``z_ij`` is
 
 Ignored rows contribute nothing; the mean divides by the sum of ``w_y`` over
 the rows that are not ignored.
+
+The same sweep gives per-row statistics on request: the entropy
+``H_i = -sum_j p_ij log p_ij``, whose derivative with respect to ``z_ij`` is
+``-p_ij (log p_ij + H_i)``, and the argmax.
 """
 
 from __future__ import annotations
@@ -200,13 +204,14 @@ class LogitBlocks:
 
 
 class _Problem(LogitBlocks):
-    """The operands of one loss, with its per-row constants."""
+    """The operands of one loss, with its per-row constants (None without targets)."""
 
-    def __init__(self, e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
+    def __init__(self, e: Tensor, c: Tensor, targets: Tensor | None, bias: Tensor | None,
                  weight: Tensor | None, spec: LossSpec) -> None:
         super().__init__(e, c, bias, spec)
         self.weight = None if weight is None else weight.float()
-        self.terms = row_terms(targets, weight, spec, self.vocab)
+        self.terms = None if targets is None else \
+            row_terms(targets, weight, spec, self.vocab)
 
     def row_slice(self, rows: slice) -> RowTerms:
         """The per-row terms of ``rows``."""
@@ -221,15 +226,17 @@ class _Problem(LogitBlocks):
             return target_logit, None
         return target_logit, z.sum(1) if self.weight is None else z @ self.weight
 
-    def lse_from_softmax(self, rows: slice, p: Tensor, target_logit: Tensor) -> Tensor:
-        """Each row's lse, from its softmax ``p`` and its target logit.
+    def lse_from_softmax(self, rows: slice, p: Tensor, column: Tensor,
+                         logit: Tensor) -> Tensor:
+        """Each row's lse, from its softmax ``p`` and the logit at ``column``
+        (the target, or the argmax).
 
         ``log p_y = z_y - lse`` gives it without another pass over the block
         while ``p_y`` keeps full precision; other rows use their largest ``p``
         (at least 1/V) and that class's logit, recomputed by a dot product.
         """
-        p_target = p.gather(1, self.terms.targets[rows, None]).squeeze(1)
-        lse = target_logit - p_target.log()
+        p_target = p.gather(1, column[:, None]).squeeze(1)
+        lse = logit - p_target.log()
         trusted = p_target >= _SMALLEST_TRUSTED_P
         if on_cpu(p) and bool(trusted.all()):
             return lse  # the common case, decided without a device sync
@@ -238,11 +245,12 @@ class _Problem(LogitBlocks):
         return torch.where(trusted, lse, self.logits_at(row_ids, column) - p_max.log())
 
     def grad_logits(self, rows: slice, p: Tensor, tanh_u: Tensor | None,
-                    grad_row: Tensor | None, grad_lse: Tensor | None) -> Tensor:
+                    grad_row: Tensor | None, grad_lse: Tensor | None,
+                    entropy_term: Tensor | None = None) -> Tensor:
         """Gradient with respect to ``x + bias``, computed in place of the softmax ``p``.
 
         ``grad_row`` is the upstream gradient of each row's loss, ``grad_lse``
-        that of its lse.
+        that of its lse; ``entropy_term`` is the entropy's part, already formed.
         """
         s = self.spec.label_smoothing
         coeff = p.new_zeros(p.shape[0])
@@ -253,6 +261,8 @@ class _Problem(LogitBlocks):
         if grad_lse is not None:
             coeff += grad_lse.float()
         g = p.mul_(coeff[:, None])
+        if entropy_term is not None:
+            g += entropy_term
         if grad_row is not None:
             onehot = grad_row * (1 - s) * self.terms.target_weight[rows]
             g.scatter_add_(1, self.terms.targets[rows, None], -onehot[:, None])
@@ -295,53 +305,95 @@ class _Gradients:
                 final(self.grad_bias, self._bias))
 
 
-def forward(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
+def _argmax(z: Tensor, dtype: torch.dtype) -> Tensor:
+    """The first largest entry of each row, after rounding to ``dtype``."""
+    return z.argmax(1) if dtype == torch.float32 else z.to(dtype).argmax(1)
+
+
+def _entropy(p: Tensor) -> Tensor:
+    """``-sum p log p`` of each row, a vocabulary piece at a time (small temporaries)."""
+    total = p.new_zeros(p.shape[0])
+    for piece in _pieces(p.shape[1]):
+        total += torch.special.entr(p[:, piece]).sum(1)
+    return total
+
+
+def _pieces(vocab: int) -> Iterator[slice]:
+    for start in range(0, vocab, VOCAB_PIECE):
+        yield slice(start, min(start + VOCAB_PIECE, vocab))
+
+
+def forward(e: Tensor, c: Tensor, targets: Tensor | None, bias: Tensor | None,
             weight: Tensor | None, spec: LossSpec,
-            precompute: tuple[bool, bool, bool]
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Float32 loss, float32 per-row lse and, where ``precompute`` asks, the
-    gradients for a unit upstream gradient of the loss (meaningful for the
-    scalar reductions only)."""
+            precompute: tuple[bool, bool, bool], with_entropy: bool = False,
+            argmax_dtype: torch.dtype | None = None
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Float32 loss, float32 per-row lse, entropy and argmax where asked, and,
+    where ``precompute`` asks, the gradients for a unit upstream gradient of
+    the loss (meaningful for the scalar reductions only)."""
     problem = _Problem(e, c, targets, bias, weight, spec)
-    lse = e.new_empty(e.shape[0], dtype=torch.float32)
-    row_losses = e.new_empty(e.shape[0], dtype=torch.float32)
+    num_rows = e.shape[0]
+    lse = e.new_empty(num_rows, dtype=torch.float32)
+    row_losses = e.new_empty(num_rows if targets is not None else 0, dtype=torch.float32)
+    entropy = e.new_empty(num_rows if with_entropy else 0, dtype=torch.float32)
+    argmax = e.new_empty(num_rows if argmax_dtype is not None else 0, dtype=torch.long)
     grads = _Gradients(problem, e, c, bias, precompute) if any(precompute) else None
     unit = e.new_ones((), dtype=torch.float32)
     grad_row = problem.terms.upstream(unit, spec.reduction) if grads else None
 
     for rows in problem.blocks():
         z, tanh_u = problem.logits(rows)
-        target_logit, weighted_sum = problem.loss_terms(rows, z)
+        if argmax_dtype is not None:
+            argmax[rows] = _argmax(z, argmax_dtype)
+        if targets is not None:
+            column = problem.terms.targets[rows]
+            logit, weighted_sum = problem.loss_terms(rows, z)
+        else:  # the largest logit anchors the lse: its probability is at least 1/V
+            column = argmax[rows] if argmax_dtype == torch.float32 else z.argmax(1)
+            logit = z.gather(1, column[:, None]).squeeze(1)
         p = softmax_(z)
-        row_lse = lse[rows] = problem.lse_from_softmax(rows, p, target_logit)
-        row_losses[rows] = row_loss(problem.row_slice(rows), spec, problem.vocab, row_lse,
-                                    target_logit, weighted_sum)
+        row_lse = lse[rows] = problem.lse_from_softmax(rows, p, column, logit)
+        if with_entropy:
+            entropy[rows] = _entropy(p)
+        if targets is not None:
+            row_losses[rows] = row_loss(problem.row_slice(rows), spec, problem.vocab,
+                                        row_lse, logit, weighted_sum)
         if grads is not None:
             grads.add(rows, problem.grad_logits(rows, p, tanh_u, grad_row[rows], None))
 
-    loss = reduce_rows(row_losses, problem.terms, spec.reduction)
+    loss = row_losses if targets is None else \
+        reduce_rows(row_losses, problem.terms, spec.reduction)
     if grads is None:
         grad_e, grad_c, grad_bias = (e.new_empty(0) for _ in range(3))
     else:
         grad_e, grad_c, grad_bias = grads.result()
-    return loss, lse, grad_e, grad_c, grad_bias
+    return loss, lse, entropy, argmax, grad_e, grad_c, grad_bias
 
 
 def backward(grad_loss: Tensor | None, grad_lse: Tensor | None, e: Tensor, c: Tensor,
-             targets: Tensor, bias: Tensor | None, weight: Tensor | None, lse: Tensor,
-             spec: LossSpec, needs: tuple[bool, bool, bool]
+             targets: Tensor | None, bias: Tensor | None, weight: Tensor | None,
+             lse: Tensor, spec: LossSpec, needs: tuple[bool, bool, bool],
+             grad_entropy: Tensor | None = None, entropy: Tensor | None = None
              ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of the loss (upstream ``grad_loss``) and of the returned lse
-    (upstream ``grad_lse``) with respect to e, c and bias, recomputing logits."""
+    """Gradients of the loss (upstream ``grad_loss``), of the returned lse
+    (``grad_lse``) and of the entropy (``grad_entropy``) with respect to e, c
+    and bias, recomputing logits."""
     problem = _Problem(e, c, targets, bias, weight, spec)
     grads = _Gradients(problem, e, c, bias, needs)
-    grad_row = problem.terms.upstream(grad_loss, spec.reduction)
+    grad_row = None if targets is None else problem.terms.upstream(grad_loss, spec.reduction)
     for rows in problem.blocks():
         z, tanh_u = problem.logits(rows)
-        p = z.sub_(lse[rows, None]).exp_()
+        log_p = z.sub_(lse[rows, None])
+        entropy_term = None
+        if grad_entropy is not None:  # -p (log p + H) times the upstream gradient
+            entropy_term = torch.add(log_p, entropy[rows, None])
+            entropy_term.mul_(grad_entropy[rows, None].float().neg())
+        p = log_p.exp_()
+        if entropy_term is not None:
+            entropy_term.mul_(p)
         g = problem.grad_logits(
             rows, p, tanh_u, None if grad_row is None else grad_row[rows],
-            None if grad_lse is None else grad_lse[rows],
+            None if grad_lse is None else grad_lse[rows], entropy_term,
         )
         grads.add(rows, g)
     return grads.result()
