@@ -409,7 +409,10 @@ def run_parent(args) -> int:
                                          "left out: budget"}, matmul, shape))
                 continue
             seen = set()
-            for record in start_worker(args, method, ",".join(map(str, shape)), left()):
+            # At most three times its usual cost: one slow method cannot
+            # starve the ones after it.
+            limit = min(left(), 3 * usual(method))
+            for record in start_worker(args, method, ",".join(map(str, shape)), limit):
                 if "exit" in record:
                     if record["exit"] != 0:
                         note = f"worker exit {record['exit']}: {record['error']}"
