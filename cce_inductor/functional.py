@@ -123,14 +123,17 @@ def fused_linear_cross_entropy(
     weight: Tensor | None, ignore_index: int, reduction: str, label_smoothing: float,
     softcap: float | None, logit_scale: float, return_lse: bool, *,
     loss_dtype: torch.dtype, return_entropy: bool = False,
-    argmax_dtype: torch.dtype | None = None,
+    argmax_dtype: torch.dtype | None = None, logits: Tensor | None = None,
 ) -> Tensor | tuple[Tensor | None, ...]:
     """``linear_cross_entropy`` with the loss returned in ``loss_dtype``, and the
     per-row statistics on request.
 
     This is what the graph rewrite calls: there the loss must come out in the
     dtype the original logits had (float32 after an upcast of bf16 logits,
-    say), which need not be e's dtype.  Returns the loss alone, or, when any of
+    say), which need not be e's dtype.  ``logits``, where the graph computes
+    them anyway (returned next to the loss), are the final float32 logits of
+    the rows of ``e``, read by the forward instead of recomputed; they get no
+    gradient from here.  Returns the loss alone, or, when any of
     ``return_lse``, ``return_entropy`` or ``argmax_dtype`` asks for more, the
     tuple ``(loss, lse, entropy, argmax)`` without the ones not asked for;
     ``loss`` is None where ``targets`` is None.  The argmax is taken over the
@@ -163,6 +166,7 @@ def fused_linear_cross_entropy(
     loss, lse, entropy, argmax, *_ = linear_cross_entropy_op(
         e2, c, t1, bias, weight, int(ignore_index), reduction, float(label_smoothing),
         softcap, float(logit_scale), precompute, bool(return_entropy), argmax_dtype,
+        None if logits is None else logits.detach().reshape(-1, c.shape[0]),
     )
     if targets is None:
         loss = None

@@ -97,6 +97,17 @@ def check_inputs(e: Tensor, c: Tensor, targets: Tensor | None, bias: Tensor | No
         raise ValueError(f"logit_scale must be finite, got {logit_scale}")
 
 
+def check_given_logits(logits: Tensor | None, e: Tensor, c: Tensor) -> None:
+    """``logits``, when given, must be the (N, V) float32 logits of e and c."""
+    if logits is None:
+        return
+    expected = (e.shape[0], c.shape[0])
+    if tuple(logits.shape) != expected or logits.dtype != torch.float32 or \
+            logits.device != e.device:
+        raise ValueError(f"logits must be float32 of shape {expected} on {e.device}, got "
+                         f"{logits.dtype} {tuple(logits.shape)} on {logits.device}")
+
+
 def check_target_values(targets: Tensor | None, vocab: int, ignore_index: int) -> None:
     """Check that every target is in [0, V) or ``ignore_index``."""
     if targets is None:
@@ -131,12 +142,13 @@ def linear_cross_entropy_op(
     weight: Tensor | None, ignore_index: int, reduction: str, label_smoothing: float,
     softcap: float | None, logit_scale: float, precompute_grads: list[bool],
     with_entropy: bool = False, argmax_dtype: torch.dtype | None = None,
+    logits: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """See the module docstring; e and targets are already flattened."""
     spec = _checked_spec(e, c, targets, bias, weight, ignore_index, reduction,
-                         label_smoothing, softcap, logit_scale)
+                         label_smoothing, softcap, logit_scale, logits)
     return chunked.forward(e, c, targets, bias, weight, spec, _three(precompute_grads),
-                           with_entropy, argmax_dtype)
+                           with_entropy, argmax_dtype, logits)
 
 
 @torch.library.custom_op("cce::linear_cross_entropy_backward", mutates_args=())
@@ -156,9 +168,10 @@ def linear_cross_entropy_backward_op(
 def _checked_spec(e: Tensor, c: Tensor, targets: Tensor | None, bias: Tensor | None,
                   weight: Tensor | None, ignore_index: int, reduction: str,
                   label_smoothing: float, softcap: float | None,
-                  logit_scale: float) -> LossSpec:
+                  logit_scale: float, logits: Tensor | None = None) -> LossSpec:
     check_inputs(e, c, targets, bias, weight, reduction, label_smoothing, softcap,
                  logit_scale)
+    check_given_logits(logits, e, c)
     check_target_values(targets, c.shape[0], ignore_index)
     return _spec(ignore_index, reduction, label_smoothing, softcap, logit_scale)
 
@@ -196,17 +209,17 @@ def prefers_forward_gradients(device: torch.device | str) -> bool:
 
 @linear_cross_entropy_op.register_kernel("cuda")
 def _(e, c, targets, bias, weight, ignore_index, reduction, label_smoothing, softcap,
-      logit_scale, precompute_grads, with_entropy=False, argmax_dtype=None):
+      logit_scale, precompute_grads, with_entropy=False, argmax_dtype=None, logits=None):
     spec = _checked_spec(e, c, targets, bias, weight, ignore_index, reduction,
-                         label_smoothing, softcap, logit_scale)
+                         label_smoothing, softcap, logit_scale, logits)
     flags = _three(precompute_grads)
     kernels = _triton_kernels()
-    # The Triton kernels serve the loss and lse; the row statistics the
-    # chunked implementation adds in the same sweep.
+    # The Triton kernels serve the loss and lse from e and c; the row
+    # statistics, and logits that are already there, take the chunked sweep.
     if kernels is None or any(flags) or targets is None or with_entropy or \
-            argmax_dtype is not None:
+            argmax_dtype is not None or logits is not None:
         return chunked.forward(e, c, targets, bias, weight, spec, flags, with_entropy,
-                               argmax_dtype)
+                               argmax_dtype, logits)
     loss, lse, *grads = kernels[0].forward(e, c, targets, bias, weight, spec, flags)
     return (loss, lse, e.new_empty(0), e.new_empty(0, dtype=torch.long), *grads)
 
@@ -240,9 +253,10 @@ def _fake_grads(e: Tensor, c: Tensor, bias: Tensor | None, need_e: bool, need_c:
 
 @linear_cross_entropy_op.register_fake
 def _(e, c, targets, bias, weight, ignore_index, reduction, label_smoothing, softcap,
-      logit_scale, precompute_grads, with_entropy=False, argmax_dtype=None):
+      logit_scale, precompute_grads, with_entropy=False, argmax_dtype=None, logits=None):
     check_inputs(e, c, targets, bias, weight, reduction, label_smoothing, softcap,
                  logit_scale)
+    check_given_logits(logits, e, c)
     need_e, need_c, need_bias = _three(precompute_grads)
     num_rows = e.shape[0]
     loss_shape = (0,) if targets is None else (num_rows,) if reduction == "none" else ()
@@ -284,7 +298,7 @@ def _backward(ctx, grad_loss, grad_lse, grad_entropy, *unused_grads):
     grad_loss = grad_loss if ctx.has_loss else None
     grad_entropy = grad_entropy if ctx.has_entropy else None
     if grad_loss is None and grad_lse is None and grad_entropy is None:
-        return (None,) * 13
+        return (None,) * 14
     if (precomputed is not None and grad_lse is None and grad_entropy is None
             and all(have or not need
                     for have, need in zip(ctx.precomputed_flags, needs))):
@@ -297,7 +311,7 @@ def _backward(ctx, grad_loss, grad_lse, grad_entropy, *unused_grads):
         )
         grads = tuple(g if need else None for g, need in zip(grads, needs))
     grad_e, grad_c, grad_bias = grads
-    return (grad_e, grad_c, None, grad_bias) + (None,) * 9
+    return (grad_e, grad_c, None, grad_bias) + (None,) * 10
 
 
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)

@@ -200,12 +200,29 @@ def _fill(site: Site, group: list[tuple[Found, Walk]], order: dict[Node, int],
     site.escaping = [n for n in site.chain if n in escaping]
     if site.inplace and site.escaping:
         raise Skip("logits changed in place are also returned by the graph")
+    site.given_logits = _materialized_final_logits(walked, escaping)
     if torch.float64 in (site.logits_dtype, site.compute_dtype):
         raise Skip("float64 logits: the op computes in float32")
     _check_order(site, order)
     reason = classifier_skip_reason(site)
     if reason:
         raise Skip(reason)
+
+
+def _materialized_final_logits(walked: Walk, escaping: set[Node]) -> Node | None:
+    """The walk's final logits, where the graph computes them anyway in float32.
+
+    They are computed anyway when they, or something made from them on the way
+    to the consumer, are returned.  Half-precision logits are not read: the
+    backward recomputes logits in float32, and its softmax must use the lse of
+    the same logits.
+    """
+    final = walked.final_logits
+    if final is None or walked.compute_dtype != torch.float32 or \
+            N.value(final).dtype != torch.float32:
+        return None
+    above = walked.chain[:walked.chain.index(final) + 1]
+    return final if any(n in escaping for n in above) else None
 
 
 def _check_order(site: Site, order: dict[Node, int]) -> None:

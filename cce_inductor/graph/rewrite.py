@@ -59,6 +59,7 @@ def rewrite_site(graph: Graph, site: Site) -> None:
             targets = new.method("reshape", targets, -1)
         needs = {need for consumer in site.consumers for need in _NEEDS[consumer.kind]}
         argmax = next((c for c in site.consumers if c.kind == "argmax"), None)
+        logits = _given_logits(new, site)
         result = new.function(
             fused_linear_cross_entropy, e, c, targets, bias, site.weight,
             site.ignore_index, site.reduction, site.label_smoothing, site.softcap,
@@ -66,7 +67,7 @@ def rewrite_site(graph: Graph, site: Site) -> None:
             loss_dtype=torch.float32 if target is None or target.kind != "loss" else
             site.logits_dtype,
             return_entropy="entropy" in needs,
-            argmax_dtype=None if argmax is None else argmax.dtype)
+            argmax_dtype=None if argmax is None else argmax.dtype, logits=logits)
         outputs = _unpack(new, result, target is not None, needs)
         replacements = [(consumer, _replacement(new, consumer, outputs, rows))
                         for consumer in site.consumers]
@@ -79,6 +80,22 @@ def rewrite_site(graph: Graph, site: Site) -> None:
     for consumer in site.consumers:
         graph.erase_node(consumer.node)
     erase_unused(graph, dead + site.chain + site.inplace)
+
+
+def _given_logits(new: NodeMaker, site: Site) -> Node | None:
+    """The final logits as the op's (N, V) rows, where the graph computes them
+    anyway and they can be viewed so without a copy."""
+    if site.given_logits is None or _drops_escaping_logits():
+        return None
+    rows = replay_rows(site.given_logits, site.row_ops, new.function, new.method)
+    logits = _as_matrix(new, rows)
+    if logits is not site.given_logits and not _value(logits)._is_view():
+        return None  # a copy of the logits would cost more than the matmul saves
+    return logits
+
+
+def _drops_escaping_logits() -> bool:
+    return config.drop_escaping_logits and torch.is_grad_enabled()
 
 
 def _as_matrix(new: NodeMaker, rows: Node) -> Node:
@@ -164,8 +181,7 @@ def _cast_like(new: NodeMaker, value: Node, like: Node) -> Node:
 def _drop_escaping_logits(graph: Graph, site: Site) -> None:
     """Under the opt-in, return an empty tensor where escaping logits were."""
     global _warned_dropped_logits
-    if not site.escaping or not config.drop_escaping_logits or \
-            not torch.is_grad_enabled():
+    if not site.escaping or not _drops_escaping_logits():
         return
     output = next(n for n in graph.nodes if n.op == "output")
     for logits in site.escaping:

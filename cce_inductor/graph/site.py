@@ -135,6 +135,9 @@ class Site:
     chain: list[Node] = field(default_factory=list)  # every node between linear and consumers
     inplace: list[Node] = field(default_factory=list)  # absorbed in-place scalings
     hoist: list[Node] = field(default_factory=list)  # inputs to move before the anchor
+    # The final logits, computed anyway because the graph returns them: the
+    # op reads them instead of recomputing them (float32 only).
+    given_logits: Node | None = None
     # Set instead of a skip reason for a vocabulary-sharded DTensor classifier
     # that the vocabulary-parallel loss serves (see vocab_parallel.py).
     vocab_parallel: Any = None

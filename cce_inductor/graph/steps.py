@@ -61,6 +61,10 @@ class Walk:
     classifier_is_transposed: bool = False
     classifier_batch_dims: int = 0
     compute_dtype: torch.dtype | None = None
+    # The node whose value is the final logits (after bias, scale and softcap)
+    # with only row steps and casts after it, or None: where the graph returns
+    # it anyway, the op can read it instead of recomputing it.
+    final_logits: Node | None = None
 
     def rows_key(self) -> tuple:
         """Equal for two walks whose logits have the same rows in the same order."""
@@ -93,14 +97,22 @@ def walk(start: Node, space: str, reader: Node) -> Walk:
     """
     state = Walk(space=space)
     node, user = start, reader
+    final_found = False
     while True:
         if N.value(node) is None:
             raise Skip(f"no shape information for {node.name}")
         state.chain.append(node)
+        affine, rows = _affine(state), len(state.row_ops)
         _absorb_inplace(state, node, user)
         if _as_linear(state, node):
+            if not final_found:
+                state.final_logits = node
             break
         user, node = node, _step(state, node)
+        if not final_found and _affine(state) != affine:
+            state.final_logits, final_found = user, True
+        elif final_found and len(state.row_ops) != rows:
+            state.final_logits = None  # rows change below it: not the op's rows
     if state.space in (LOG_PROBS, PROBS) and not state.normalized:
         raise Skip("the consumer reads log-probabilities, but no log_softmax lies "
                    "between it and the linear")
@@ -108,6 +120,10 @@ def walk(start: Node, space: str, reader: Node) -> Walk:
         state.space = LOGITS
     state.row_ops.reverse()  # collected from the consumer down; replayed upward
     return state
+
+
+def _affine(state: Walk) -> tuple:
+    return state.logit_scale, state.softcap, state.bias
 
 
 def _step(state: Walk, node: Node) -> Node:

@@ -145,8 +145,10 @@ class LogitBlocks:
     a slice of the classifier's rows).
     """
 
-    def __init__(self, e: Tensor, c: Tensor, bias: Tensor | None, spec: LossSpec) -> None:
+    def __init__(self, e: Tensor, c: Tensor, bias: Tensor | None, spec: LossSpec,
+                 given_logits: Tensor | None = None) -> None:
         self.spec = spec
+        self.given_logits = given_logits  # the final logits, already computed
         self.e = e.float()
         self.c = c.float()
         self.bias = None if bias is None else bias.float()
@@ -167,12 +169,17 @@ class LogitBlocks:
         Both live in the reused buffers: they are overwritten by the next call.
         """
         z = self._logits[: rows.stop - rows.start]
+        softcap = self.spec.softcap
+        if self.given_logits is not None:
+            z.copy_(self.given_logits[rows])
+            if softcap is None:
+                return z, None
+            return z, torch.div(z, softcap, out=self._tanh[: z.shape[0]])
         z_t, e_t = z.T, self.e[rows].T
         for start in range(0, self.vocab, self._piece):
             piece = slice(start, start + self._piece)
             torch.mm(self.c[piece], e_t, out=z_t[piece])
         u = self._bias_and_scale(z, self.bias)
-        softcap = self.spec.softcap
         if softcap is None:
             return u, None
         tanh_u = self._tanh[: z.shape[0]]
@@ -207,8 +214,9 @@ class _Problem(LogitBlocks):
     """The operands of one loss, with its per-row constants (None without targets)."""
 
     def __init__(self, e: Tensor, c: Tensor, targets: Tensor | None, bias: Tensor | None,
-                 weight: Tensor | None, spec: LossSpec) -> None:
-        super().__init__(e, c, bias, spec)
+                 weight: Tensor | None, spec: LossSpec,
+                 given_logits: Tensor | None = None) -> None:
+        super().__init__(e, c, bias, spec, given_logits)
         self.weight = None if weight is None else weight.float()
         self.terms = None if targets is None else \
             row_terms(targets, weight, spec, self.vocab)
@@ -326,12 +334,15 @@ def _pieces(vocab: int) -> Iterator[slice]:
 def forward(e: Tensor, c: Tensor, targets: Tensor | None, bias: Tensor | None,
             weight: Tensor | None, spec: LossSpec,
             precompute: tuple[bool, bool, bool], with_entropy: bool = False,
-            argmax_dtype: torch.dtype | None = None
+            argmax_dtype: torch.dtype | None = None, logits: Tensor | None = None
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Float32 loss, float32 per-row lse, entropy and argmax where asked, and,
     where ``precompute`` asks, the gradients for a unit upstream gradient of
-    the loss (meaningful for the scalar reductions only)."""
-    problem = _Problem(e, c, targets, bias, weight, spec)
+    the loss (meaningful for the scalar reductions only).
+
+    ``logits``, when given, are the final (N, V) logits the caller already
+    has: they are read instead of recomputed."""
+    problem = _Problem(e, c, targets, bias, weight, spec, logits)
     num_rows = e.shape[0]
     lse = e.new_empty(num_rows, dtype=torch.float32)
     row_losses = e.new_empty(num_rows if targets is not None else 0, dtype=torch.float32)
