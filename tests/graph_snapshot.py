@@ -3,8 +3,9 @@
 Dynamo's own printout changes between releases (node names, the order of
 placeholders, keyword arguments spelled out or left at their defaults).  This
 rendering numbers nodes in order, names placeholders after the user's
-variables and drops keyword arguments that equal the callee's defaults and
-trailing ``None`` arguments.
+variables, drops keyword arguments that equal the callee's defaults and
+trailing ``None`` arguments, and writes ``W.T`` one way (``getattr(W, 'T')``)
+whether Dynamo recorded it as that or, from torch 2.14, as ``numpy_T(W)``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ def render(graph: Graph) -> str:
             lines.append(f"return {_fmt(node.args[0], names)}")
             continue
         names[node] = f"v{len(lines)}"
+        if _target_name(node) == "numpy_T":  # torch 2.14's spelling of W.T
+            lines.append(f"{names[node]} = getattr({_fmt(node.args[0], names)}, 'T')")
+            continue
         kwargs = _without_defaults(node)
         args = list(node.args)
         while node.op == "call_function" and args and args[-1] is None:
