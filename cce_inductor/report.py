@@ -21,15 +21,23 @@ class SiteReport:
     source: str
     logits_bytes: int | None
     logits_escape: bool
+    logits_read: bool = False  # escaping logits that the op reads
 
     def __str__(self) -> str:
         status = "rewritten" if self.rewritten else f"left alone: {self.reason}"
-        saved = "" if not self.rewritten or self.logits_bytes is None else \
-            f"; removes {_mib(self.logits_bytes)} of logits"
-        escape = "; the logits are also returned, so the forward still computes " \
-            "them (see config.drop_escaping_logits)" if self.rewritten and \
-            self.logits_escape else ""
-        return f"{self.form} at {self.source}: {status}{saved}{escape}"
+        size = "logits" if self.logits_bytes is None else \
+            f"{_mib(self.logits_bytes)} of logits"
+        if not self.rewritten:
+            detail = ""
+        elif not self.logits_escape:
+            detail = f"; removes {size}"
+        else:
+            use = "the op reads them instead of recomputing them" if self.logits_read \
+                else "the op recomputes its own, blockwise"
+            detail = (f"; the graph also returns the {size}, so they stay ({use}); "
+                      "config.drop_escaping_logits (CCE_INDUCTOR_DROP_LOGITS=1) drops "
+                      "them while training and removes them")
+        return f"{self.form} at {self.source}: {status}{detail}"
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,8 @@ def explain(model_or_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Expla
             reports.append(SiteReport(
                 form=site.form, rewritten=site.rewrite, reason=site.skip_reason,
                 source=site.source_line(), logits_bytes=site.logits_bytes(),
-                logits_escape=bool(site.escaping)))
+                logits_escape=bool(site.escaping),
+                logits_read=site.given_logits is not None))
         return gm.forward
 
     compiled = torch.compile(model_or_fn, backend=analyze)

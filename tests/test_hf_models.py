@@ -225,6 +225,7 @@ def test_explain_reports_loss_rewritten(name: str) -> None:
     assert site.form == "cross_entropy", str(report)
     assert "loss_utils.py" in site.source, str(report)
     assert site.logits_escape, str(report)  # HF returns the logits next to the loss
+    assert site.logits_read, str(report)  # float32: the op reads them, no recompute
     assert site.logits_bytes == BATCH * SEQ * VOCAB * 4, str(report)
 
 
