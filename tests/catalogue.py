@@ -291,6 +291,13 @@ FORMS: list[Form] = [
     Form("addmm", "torch.addmm(b, h2, W.t())",
          lambda m, h, y: F.cross_entropy(torch.addmm(m.bias, h.view(-1, D), m.weight.t()),
                                          y.view(-1)), bias=True),
+    Form("bmm_expand", "torch.bmm(h, W.t().expand(B, D, V))",
+         lambda m, h, y: F.cross_entropy(torch.bmm(h, m.weight.t().expand(B, D, V))
+                                         .reshape(-1, V), y.reshape(-1))),
+    Form("index_tensor_rows", "logits[:, positions] with a tensor of positions",
+         lambda m, h, y: F.cross_entropy(
+             F.linear(h, m.weight)[:, torch.arange(1, T, 2)].reshape(-1, V),
+             y[:, torch.arange(1, T, 2)].reshape(-1))),
     Form("last_position", "F.cross_entropy(logits[:, -1, :], y[:, -1])",
          lambda m, h, y: F.cross_entropy(F.linear(h, m.weight)[:, -1, :], y[:, -1]),
          ignored_rows=False),
