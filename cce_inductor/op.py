@@ -5,18 +5,21 @@ through torch.compile as opaque nodes:
 
 ``torch.ops.cce.linear_cross_entropy``
     e (N, D), c (V, D), targets (N,) or None -> loss, lse (N,), entropy (N,),
-    argmax (N,) and, where ``precompute_grads`` asks, the gradients for a
-    unit upstream gradient (empty tensors otherwise).  ``loss`` is float32,
+    argmax (N,), tile maxima and, where ``precompute_grads`` asks, the
+    gradients for a unit upstream gradient (empty tensors otherwise).  ``loss`` is float32,
     (N,) for ``reduction="none"`` and () otherwise (empty without targets);
     callers cast it to the dtype the logits would have had.  ``lse`` and
     ``entropy`` (``-sum p log p``, empty unless ``with_entropy``) are float32;
     ``argmax`` is int64, the first largest logit of each row after rounding
     the logits to ``argmax_dtype`` (empty when that is None).  All of them
-    come from the same pass over the vocabulary.
+    come from the same pass over the vocabulary.  The tile maxima (the
+    largest logit of each block of the logit matrix, float32) are filled
+    where the Triton forward runs, for the backward to skip negligible tiles
+    before their matmul; they are empty elsewhere.
 
 ``torch.ops.cce.linear_cross_entropy_backward``
-    upstream gradients of loss, lse and entropy -> grad_e, grad_c, grad_bias
-    (empty where not needed).
+    upstream gradients of loss, lse and entropy (and the forward's tile
+    maxima) -> grad_e, grad_c, grad_bias (empty where not needed).
 
 Computing the gradients during the forward saves recomputing every logit in
 the backward (a third of the arithmetic); it is only valid when the loss is a
@@ -143,21 +146,27 @@ def linear_cross_entropy_op(
     softcap: float | None, logit_scale: float, precompute_grads: list[bool],
     with_entropy: bool = False, argmax_dtype: torch.dtype | None = None,
     logits: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """See the module docstring; e and targets are already flattened."""
     spec = _checked_spec(e, c, targets, bias, weight, ignore_index, reduction,
                          label_smoothing, softcap, logit_scale, logits)
-    return chunked.forward(e, c, targets, bias, weight, spec, _three(precompute_grads),
-                           with_entropy, argmax_dtype, logits)
+    return _without_tile_maxima(chunked.forward(
+        e, c, targets, bias, weight, spec, _three(precompute_grads), with_entropy,
+        argmax_dtype, logits))
+
+
+def _without_tile_maxima(outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    loss, lse, entropy, argmax, *grads = outputs
+    return (loss, lse, entropy, argmax, lse.new_empty(0), *grads)
 
 
 @torch.library.custom_op("cce::linear_cross_entropy_backward", mutates_args=())
 def linear_cross_entropy_backward_op(
     grad_loss: Tensor | None, grad_lse: Tensor | None, grad_entropy: Tensor | None,
     e: Tensor, c: Tensor, targets: Tensor | None, bias: Tensor | None,
-    weight: Tensor | None, lse: Tensor, entropy: Tensor, ignore_index: int,
-    reduction: str, label_smoothing: float, softcap: float | None, logit_scale: float,
-    needs_grad: list[bool],
+    weight: Tensor | None, lse: Tensor, entropy: Tensor, tile_max: Tensor,
+    ignore_index: int, reduction: str, label_smoothing: float, softcap: float | None,
+    logit_scale: float, needs_grad: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients for e, c and bias (empty tensors where ``needs_grad`` is False)."""
     spec = _spec(ignore_index, reduction, label_smoothing, softcap, logit_scale)
@@ -213,27 +222,36 @@ def _(e, c, targets, bias, weight, ignore_index, reduction, label_smoothing, sof
     spec = _checked_spec(e, c, targets, bias, weight, ignore_index, reduction,
                          label_smoothing, softcap, logit_scale, logits)
     flags = _three(precompute_grads)
-    kernels = _triton_kernels()
-    # The Triton kernels serve the loss and lse from e and c; the row
-    # statistics, and logits that are already there, take the chunked sweep.
-    if kernels is None or any(flags) or targets is None or with_entropy or \
-            argmax_dtype is not None or logits is not None:
-        return chunked.forward(e, c, targets, bias, weight, spec, flags, with_entropy,
-                               argmax_dtype, logits)
-    loss, lse, *grads = kernels[0].forward(e, c, targets, bias, weight, spec, flags)
-    return (loss, lse, e.new_empty(0), e.new_empty(0, dtype=torch.long), *grads)
+    if not _triton_forward_serves(e, targets, flags, with_entropy, argmax_dtype, logits):
+        return _without_tile_maxima(chunked.forward(
+            e, c, targets, bias, weight, spec, flags, with_entropy, argmax_dtype, logits))
+    loss, lse, *grads, tile_max = _triton_kernels()[0].forward(
+        e, c, targets, bias, weight, spec, flags, tile_max=True)
+    return (loss, lse, e.new_empty(0), e.new_empty(0, dtype=torch.long), tile_max, *grads)
+
+
+def _triton_forward_serves(e: Tensor, targets: Tensor | None,
+                           flags: tuple[bool, bool, bool], with_entropy: bool,
+                           argmax_dtype: torch.dtype | None, logits: Tensor | None) -> bool:
+    """Whether the Triton forward computes this call (the loss and lse from e
+    and c); the row statistics, given logits and gradients formed in the
+    forward take the chunked sweep."""
+    return e.device.type == "cuda" and _triton_kernels() is not None and \
+        not any(flags) and targets is not None and not with_entropy and \
+        argmax_dtype is None and logits is None
 
 
 @linear_cross_entropy_backward_op.register_kernel("cuda")
 def _(grad_loss, grad_lse, grad_entropy, e, c, targets, bias, weight, lse, entropy,
-      ignore_index, reduction, label_smoothing, softcap, logit_scale, needs_grad):
+      tile_max, ignore_index, reduction, label_smoothing, softcap, logit_scale, needs_grad):
     spec = _spec(ignore_index, reduction, label_smoothing, softcap, logit_scale)
     kernels = _triton_kernels()
     if kernels is None or grad_entropy is not None or targets is None:
         return chunked.backward(grad_loss, grad_lse, e, c, targets, bias, weight, lse,
                                 spec, _three(needs_grad), grad_entropy, entropy)
     return kernels[1].backward(grad_loss, grad_lse, e, c, targets, bias, weight, lse,
-                               spec, _three(needs_grad))
+                               spec, _three(needs_grad),
+                               tile_max=tile_max if tile_max.numel() else None)
 
 
 def _three(flags: list[bool]) -> tuple[bool, bool, bool]:
@@ -264,22 +282,30 @@ def _(e, c, targets, bias, weight, ignore_index, reduction, label_smoothing, sof
     lse = e.new_empty(num_rows, dtype=torch.float32)
     entropy = e.new_empty(num_rows if with_entropy else 0, dtype=torch.float32)
     argmax = e.new_empty(0 if argmax_dtype is None else num_rows, dtype=torch.long)
-    return (loss, lse, entropy, argmax, *_fake_grads(e, c, bias, need_e, need_c, need_bias))
+    tile_max_shape: tuple[int, ...] = (0,)
+    if _triton_forward_serves(e, targets, (need_e, need_c, need_bias), with_entropy,
+                              argmax_dtype, logits):
+        forward_kernels = _triton_kernels()[0]
+        tile_max_shape = (-(-num_rows // forward_kernels.REC_N),
+                          -(-c.shape[0] // forward_kernels.REC_V))
+    tile_max = e.new_empty(tile_max_shape, dtype=torch.float32)
+    return (loss, lse, entropy, argmax, tile_max,
+            *_fake_grads(e, c, bias, need_e, need_c, need_bias))
 
 
 @linear_cross_entropy_backward_op.register_fake
 def _(grad_loss, grad_lse, grad_entropy, e, c, targets, bias, weight, lse, entropy,
-      ignore_index, reduction, label_smoothing, softcap, logit_scale, needs_grad):
+      tile_max, ignore_index, reduction, label_smoothing, softcap, logit_scale, needs_grad):
     return _fake_grads(e, c, bias, *_three(needs_grad))
 
 
 def _setup_context(ctx, inputs, output) -> None:
     (e, c, targets, bias, weight, ignore_index, reduction, label_smoothing, softcap,
      logit_scale, precompute_grads, *statistics) = inputs
-    _, lse, entropy, argmax, grad_e, grad_c, grad_bias = output
+    _, lse, entropy, argmax, tile_max, grad_e, grad_c, grad_bias = output
     ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(argmax, grad_e, grad_c, grad_bias)
-    ctx.save_for_backward(e, c, targets, bias, weight, lse, entropy)
+    ctx.mark_non_differentiable(argmax, tile_max, grad_e, grad_c, grad_bias)
+    ctx.save_for_backward(e, c, targets, bias, weight, lse, entropy, tile_max)
     ctx.options = (ignore_index, reduction, label_smoothing, softcap, logit_scale)
     ctx.has_loss = targets is not None
     ctx.has_entropy = bool(statistics and statistics[0])
@@ -290,7 +316,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_loss, grad_lse, grad_entropy, *unused_grads):
-    e, c, targets, bias, weight, lse, entropy = ctx.saved_tensors
+    e, c, targets, bias, weight, lse, entropy, tile_max = ctx.saved_tensors
     needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
              bias is not None and ctx.needs_input_grad[3])
     precomputed, ctx.precomputed = ctx.precomputed, None
@@ -307,7 +333,7 @@ def _backward(ctx, grad_loss, grad_lse, grad_entropy, *unused_grads):
     else:
         grads = linear_cross_entropy_backward_op(
             grad_loss, grad_lse, grad_entropy, e, c, targets, bias, weight, lse, entropy,
-            *ctx.options, list(needs),
+            tile_max, *ctx.options, list(needs),
         )
         grads = tuple(g if need else None for g, need in zip(grads, needs))
     grad_e, grad_c, grad_bias = grads

@@ -49,8 +49,8 @@ def test_opcheck_backward_op():
         _, lse, entropy, *_ = linear_cross_entropy_op(
             e, c, targets, b, w, -100, "none", 0.1, 2.0, 1.0, [False] * 3, True)
     args = (torch.randn(7), torch.randn(7), torch.randn(7), e.detach(), c.detach(),
-            targets, b.detach(), w, lse, entropy, -100, "none", 0.1, 2.0, 1.0,
-            [True, True, True])
+            targets, b.detach(), w, lse, entropy, lse.new_empty(0), -100, "none", 0.1, 2.0,
+            1.0, [True, True, True])
     torch.library.opcheck(linear_cross_entropy_backward_op, args)
 
 
