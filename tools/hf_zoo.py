@@ -780,12 +780,13 @@ def markdown(results: list[Result], zoos: list[str], command: str) -> str:
                 lines.append(f"- {category} ({len(names)}): " +
                              ", ".join(f"`{n}`" for n in names))
         lines += ["", "### Every class", "", "| class | result | fused calls | graphs | "
-                  "worst share (aot_eager / rewrite) | detail |", "|---|---|---|---|---|---|"]
+                  "worst share (aot_eager / rewrite) | seconds | detail |",
+                  "|---|---|---|---|---|---|---|"]
         for r in sorted(mine, key=lambda r: r.name):
             shares = " / ".join("-" if x is None else f"{x:.2g}"
                                 for x in (r.aot_worst, r.cce_worst))
             lines.append(f"| `{r.name}` | {r.category} | {r.fused_calls} | {r.graphs} | "
-                         f"{shares} | {_cell(r.reason)} |")
+                         f"{shares} | {r.seconds:g} | {_cell(r.reason)} |")
     return "\n".join(lines) + "\n"
 
 
