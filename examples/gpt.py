@@ -92,19 +92,27 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *,
+                logits_to_keep: int = 0) -> Tensor:
         """Return the mean next-token loss if ``targets`` is given, else the logits.
 
         Args:
             idx: token ids, shape (B, T) with T <= block_size.
             targets: next-token ids, shape (B, T), or None.
+            logits_to_keep: without targets, the logits of only the last this
+                many positions, shape (B, logits_to_keep, V), as Hugging Face
+                models' argument of that name (what RL trainers pass to score
+                completions); 0 keeps all T.
         """
+        if targets is not None and logits_to_keep:
+            raise ValueError("logits_to_keep applies only when targets is None")
         t = idx.shape[1]
         pos = torch.arange(t, device=idx.device)
         x = self.tok_emb(idx) + self.pos_emb(pos)
         for block in self.blocks:
             x = block(x)
-        logits = self.head(self.ln_f(x))
+        x = self.ln_f(x)
+        logits = self.head(x[:, -logits_to_keep:] if logits_to_keep else x)
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))

@@ -91,3 +91,37 @@ def test_hf_trainer_two_steps(tmp_path: Path) -> None:
     assert "peak RSS, whole run" in out
     assert "logits N x V x 4 bytes" in out
     assert "OK: the two runs agree" in out
+
+
+def test_grpo_step_two_steps(tmp_path: Path) -> None:
+    """examples/grpo_step.py: a tiny GPT, two GRPO steps with and without the pass.
+
+    Every read of the logits (the policy's log-probs, entropy and argmax, and
+    the reference model's log-probs under no_grad) must be rewritten, and the
+    two runs must agree.
+    """
+    cmd = [
+        sys.executable, str(EXAMPLES / "grpo_step.py"),
+        "--vocab", "512", "--tokenizer-vocab", "300", "--max-files", "5",
+        "--cache-dir", str(tmp_path), "--steps", "2", "--prompts", "2",
+        "--generations", "2", "--prompt-len", "8", "--completion-len", "6",
+        "--layers", "1", "--d-model", "32", "--heads", "2", "--device", "cpu",
+        "--no-progress",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+
+    assert "2 of 2 site(s) rewritten" in out, out
+    sites = [line.strip() for line in out.splitlines() if " at grpo_step.py:" in line]
+    assert len(sites) == 2 and all(s.endswith(": rewritten") for s in sites), out
+    assert any(s.startswith("gather + logsumexp + entropy + argmax ") for s in sites), out
+    step_row = re.compile(r"^\s*(\d+)\s+(\S+)\s+(\S+)(\s+\S+){4}\s*$")
+    rows = [m.groups()[:3] for m in map(step_row.match, out.splitlines()) if m]
+    assert [int(r[0]) for r in rows] == [1, 2], out
+    for _, a, b in rows:
+        assert float(b) == pytest.approx(float(a), rel=1e-4, abs=1e-5)
+    for check in ("loss", "log-probs", "entropy", "reference log-probs", "accuracy"):
+        assert re.search(rf"^\s+{check}\s+\S+ <= \S+\s+ok\b", out, re.M), (check, out)
+    assert "peak RSS, whole run" in out
+    assert "OK: the two runs agree" in out
