@@ -61,7 +61,8 @@ def recognize(node: Node) -> Found | None:
 
 def is_loss(node: Node) -> bool:
     """Whether ``node`` is a loss whose being left alone is worth reporting."""
-    return N.is_function(node, N.CROSS_ENTROPY + N.NLL_LOSS) or _is_gather(node)
+    return N.is_function(node, N.CROSS_ENTROPY + N.NLL_LOSS) or \
+        (_is_gather(node) and N.is_log_softmax(node.args[0]))
 
 
 # ---- losses -----------------------------------------------------------------
@@ -159,11 +160,18 @@ def _gather(node: Node) -> Found | None:
     source_value, index_value = N.value(source), N.value(index)
     if source_value is None or index_value is None:
         return None
+    # Gathers elsewhere in a model (positions, experts) are not consumers; a
+    # gather of a log-softmax that the op cannot serve is a loss left alone.
+    of_log_probs = N.is_log_softmax(source)
     if not N.is_last_dim(dim, source_value.dim()):
-        raise Skip(f"gather over dim {dim}, not the vocabulary (last) dimension")
+        if of_log_probs:
+            raise Skip(f"gather over dim {dim}, not the vocabulary (last) dimension")
+        return None
     if index_value.dtype.is_floating_point or \
             tuple(index_value.shape) != (*source_value.shape[:-1], 1):
-        raise Skip("the gather index does not pick one class per row")
+        if of_log_probs:
+            raise Skip("the gather index does not pick one class per row")
+        return None
     consumer = Consumer(node, "log_prob", index=index)
     found = Found(consumer, "gather", [(source, ANY)])
     found.options = dict(targets=index, ignore_index=NO_IGNORE_INDEX, reduction="none",

@@ -161,8 +161,8 @@ def _check_users(entries: list[tuple[Found, Walk]]) -> tuple[str | None, set[Nod
         for user in node.users:
             if user in known or user in consumers or _is_dead(user):
                 continue
-            if user.op == "output":
-                escaping.add(node)
+            if user.op == "output" or _only_returned(user):
+                escaping.add(node)  # computed anyway, for the graph's output
                 continue
             if is_loss(user) or N.is_log_softmax(user):
                 return (f"the same logits also feed a second loss ({N.describe(user)})",
@@ -170,6 +170,16 @@ def _check_users(entries: list[tuple[Found, Walk]]) -> tuple[str | None, set[Nod
             return (f"the logits are also used by {N.describe(user)}, which needs the "
                     "full matrix", escaping)
     return None, escaping
+
+
+def _only_returned(node: Node) -> bool:
+    """``node`` is a view or copy of the logits (``logits[:, 0]``) that the graph
+    only returns."""
+    if not (N.is_getitem(node) or
+            N.is_call(node, N.RESHAPE_FUNCTIONS + N.PERMUTE_FUNCTIONS,
+                      N.RESHAPE_METHODS + N.PERMUTE_METHODS + N.CAST_METHODS)):
+        return False
+    return all(user.op == "output" or _only_returned(user) for user in node.users)
 
 
 def _is_dead(node: Node) -> bool:
