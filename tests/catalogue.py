@@ -181,6 +181,16 @@ def _full_kl(m, h, y):
     return -logp.gather(-1, y[..., None]).mean() + kl
 
 
+def _chunked_entropy(m, h, y):
+    logits = F.linear(h, m.weight)
+    logprobs = logits.gather(-1, y[..., None]).squeeze(-1) - logits.logsumexp(-1)
+    entropies = []
+    for chunk in logits.reshape(-1, V).split(4):  # TRL's entropy_from_logits
+        lp = F.log_softmax(chunk, -1)
+        entropies.append(-(lp.exp() * lp).sum(-1))
+    return -logprobs.mean() - 0.01 * torch.cat(entropies).mean()
+
+
 def _autocast_bf16(m, h, y):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = m.lm_head(h)
@@ -347,6 +357,8 @@ FORMS: list[Form] = [
          reason="needs the full matrix"),
     Form("full_kl", "KL divergence to a full reference distribution", _full_kl,
          reason="needs the full matrix", ignored_rows=False),
+    Form("chunked_entropy", "log-probs, and entropy over row chunks of logits.split(n)",
+         _chunked_entropy, reason="needs the full matrix", ignored_rows=False),
     Form("class_dim_1_unpermuted", "F.cross_entropy(logits (B, T, V), y (B, V)): class dim T",
          lambda m, h, y: F.cross_entropy(F.linear(h, m.weight)[:, :, :T],
                                          y.clamp(min=0) % T),

@@ -42,6 +42,11 @@ def find_sites(graph: Graph) -> list[Site]:
             if is_loss(node):
                 sites.append(_skipped(node, str(skip)))
             continue
+        except Exception as error:  # a form the matcher did not foresee: leave it
+            if is_loss(node):
+                sites.append(_skipped(node, f"the matcher failed here "
+                                            f"({type(error).__name__}: {error})"))
+            continue
         by_linear[by_linear_entry[1].linear].append(by_linear_entry)
     for entries in by_linear.values():
         sites += _sites_of_linear(entries, order, region)
@@ -129,8 +134,8 @@ def _sites_of_linear(entries: list[tuple[Found, Walk]], order: dict[Node, int],
             _fill(site, group, order, escaping)
         except Skip as skip:
             site.skip_reason = str(skip)
-            if not any(is_loss(e[0].consumer.node) for e in group):
-                continue  # a statistic of some logits left alone: not worth a report
+            if not any(f.consumer.kind in TARGET_KINDS for f, _ in group):
+                continue  # no target: a router's softmax, say; not worth a report
         sites.append(site)
     return sites
 

@@ -122,6 +122,16 @@ def walk(start: Node, space: str, reader: Node) -> Walk:
     return state
 
 
+def _tensor_input(node: Node, source: object) -> torch.Tensor:
+    """The example tensor ``node`` reads the logits from; a tuple (the pieces of
+    a ``split`` or ``chunk``) or a missing value ends the walk."""
+    found = N.value(source)
+    if found is None:
+        raise Skip(f"{node.name} reads a piece of the logits (split or chunk) or a value "
+                   "without shape information")
+    return found
+
+
 def _affine(state: Walk) -> tuple:
     return state.logit_scale, state.softcap, state.bias
 
@@ -162,7 +172,7 @@ def _step(state: Walk, node: Node) -> Node:
 
 def _reshape(state: Walk, node: Node) -> Node:
     source = node.args[0]
-    out, inp = N.value(node), N.value(source)
+    out, inp = N.value(node), _tensor_input(node, source)
     if out.dim() < 1 or inp.dim() < 1 or out.shape[-1] != inp.shape[-1] or \
             out.numel() != inp.numel():
         raise Skip(f"{node.name} reshapes the vocabulary dimension")
@@ -181,7 +191,7 @@ def _lead_sizes(node: Node, out: torch.Tensor) -> tuple:
 
 def _permute(state: Walk, node: Node) -> Node:
     source = node.args[0]
-    ndim = N.value(source).dim()
+    ndim = _tensor_input(node, source).dim()
     permutation = N.permutation_of(node, ndim)
     if permutation is None or permutation[-1] != ndim - 1:
         raise Skip(f"{node.name} moves the vocabulary dimension")
@@ -193,7 +203,7 @@ def _permute(state: Walk, node: Node) -> Node:
 def _as_index(node: Node) -> tuple:
     """``narrow``/``select``/``index_select`` as the equivalent getitem index."""
     name = node.target if isinstance(node.target, str) else node.target.__name__
-    ndim = N.value(node.args[0]).dim()
+    ndim = _tensor_input(node, node.args[0]).dim()
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     if not isinstance(dim, int):
         raise Skip(f"{node.name} takes a dimension that is not a constant")
@@ -212,7 +222,7 @@ def _as_index(node: Node) -> tuple:
 
 def _index(state: Walk, node: Node, source: Node, index: Any) -> Node:
     """A getitem: rows selected in any way, and possibly a slice of the vocabulary."""
-    inp, out = N.value(source), N.value(node)
+    inp, out = _tensor_input(node, source), N.value(node)
     entries = _normalize_index(node, index, inp.dim())
     vocab_entry = entries[-1][1] if entries and entries[-1][0] == inp.dim() - 1 else None
     if vocab_entry is not None and not isinstance(vocab_entry, slice):
@@ -289,7 +299,7 @@ def _slice_vocabulary(state: Walk, node: Node, entry: slice, size: int) -> None:
 
 def _cast(state: Walk, node: Node) -> Node:
     source = node.args[0]
-    out, inp = N.value(node), N.value(source)
+    out, inp = N.value(node), _tensor_input(node, source)
     if not out.dtype.is_floating_point or out.device != inp.device or \
             tuple(out.shape) != tuple(inp.shape):
         raise Skip(f"{node.name} is not a floating-point cast")
@@ -334,7 +344,7 @@ def _normalization(state: Walk, node: Node) -> Node:
         source = node.args[0] if node.args else node.kwargs.get("input")
         produces = LOG_PROBS if N.is_log_softmax(node) else PROBS
         dim = N.dim_argument(node, 1)
-        if not N.is_last_dim(dim, N.value(source).dim()):
+        if not N.is_last_dim(dim, _tensor_input(node, source).dim()):
             raise Skip(f"{N.describe(node)} normalizes over dim {dim}, not the vocabulary")
         dtype = node.kwargs.get("dtype", node.args[2] if len(node.args) > 2 else None)
         if dtype is not None and not isinstance(dtype, torch.dtype):
