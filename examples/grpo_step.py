@@ -48,11 +48,11 @@ from torch import Tensor, nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gpt import GPT, GPTConfig  # noqa: E402
+from memory import fmt_mib, maxrss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 
 import cce_inductor  # noqa: E402
 
 ARMS = ("compile", "cce")
-MiB = 1024 * 1024
 METRICS = ("loss", "logp", "entropy", "accuracy", "kl")
 
 
@@ -309,35 +309,6 @@ def rollout_inputs(rollout: dict[str, Tensor], device: torch.device,
 # --------------------------------------------------------------------------- one run
 
 
-def _rss_bytes(field: str) -> int | None:
-    """``VmRSS`` or ``VmHWM`` of this process from /proc (Linux), in bytes."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux only), so one step's peak can be read."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _maxrss_bytes() -> int:
-    import resource  # Unix only
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
 def run_arm(args: argparse.Namespace, arm: str,
             rollout: dict[str, Tensor]) -> tuple[dict, dict]:
     """Train on ``rollout`` for ``args.steps`` steps under one backend.
@@ -376,8 +347,8 @@ def run_arm(args: argparse.Namespace, arm: str,
             if cuda:
                 before = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            elif _reset_peak_rss():
-                before = _rss_bytes("VmRSS")
+            elif reset_peak_rss():
+                before = rss_bytes("VmRSS")
         t0 = time.perf_counter()
         out = step(*inputs)
         out["loss"].backward()
@@ -386,9 +357,9 @@ def run_arm(args: argparse.Namespace, arm: str,
         loss = out["loss"].item()  # synchronizes, so the step time is complete
         seconds.append(time.perf_counter() - t0)
         if i == 0:
-            peak_all = torch.cuda.max_memory_allocated(device) if cuda else _maxrss_bytes()
+            peak_all = torch.cuda.max_memory_allocated(device) if cuda else maxrss_bytes()
         elif before is not None:
-            peak = torch.cuda.max_memory_allocated(device) if cuda else _rss_bytes("VmHWM")
+            peak = torch.cuda.max_memory_allocated(device) if cuda else rss_bytes("VmHWM")
             if peak is not None:
                 peak_steps = max(peak_steps or 0, peak)
                 transient = max(transient or 0, peak - before)
@@ -403,7 +374,7 @@ def run_arm(args: argparse.Namespace, arm: str,
             per_token[key].append(out[key].detach().cpu())
         bar.set_postfix(loss=f"{loss:.4f}", ent=f"{metrics['entropy'][-1]:.3f}")
     bar.close()
-    peak_all = max(peak_all, peak_steps or 0, 0 if cuda else _maxrss_bytes())
+    peak_all = max(peak_all, peak_steps or 0, 0 if cuda else maxrss_bytes())
     result = {"arm": arm, "metrics": metrics, "seconds": seconds,
               "median_step_s": statistics.median(seconds[1:]), "peak_all": peak_all,
               "peak_steps": peak_steps, "transient": transient}
@@ -438,10 +409,6 @@ def run_arm_subprocess(argv: list[str], arm: str, workdir: Path) -> tuple[dict, 
         raise SystemExit(f"the '{arm}' run failed with exit status {proc.returncode}")
     return (json.loads((workdir / f"{arm}.json").read_text()),
             torch.load(workdir / f"{arm}.pt"))
-
-
-def _fmt_mib(b: float | None) -> str:
-    return "n/a" if b is None else f"{b / MiB:,.1f} MiB"
 
 
 def compare(args: argparse.Namespace, results: dict[str, dict],
@@ -493,15 +460,15 @@ def print_memory(args: argparse.Namespace, results: dict[str, dict]) -> None:
     def removed(key: str) -> str:
         if a[key] is None or b[key] is None:
             return "n/a"
-        return _fmt_mib(a[key] - b[key])
+        return fmt_mib(a[key] - b[key])
 
     rows = [
-        (f"{label}, whole run", _fmt_mib(a["peak_all"]), _fmt_mib(b["peak_all"]),
+        (f"{label}, whole run", fmt_mib(a["peak_all"]), fmt_mib(b["peak_all"]),
          removed("peak_all")),
-        (f"{label}, steps 2..{args.steps}", _fmt_mib(a["peak_steps"]),
-         _fmt_mib(b["peak_steps"]), removed("peak_steps")),
-        (f"most one step adds, steps 2..{args.steps}", _fmt_mib(a["transient"]),
-         _fmt_mib(b["transient"]), removed("transient")),
+        (f"{label}, steps 2..{args.steps}", fmt_mib(a["peak_steps"]),
+         fmt_mib(b["peak_steps"]), removed("peak_steps")),
+        (f"most one step adds, steps 2..{args.steps}", fmt_mib(a["transient"]),
+         fmt_mib(b["transient"]), removed("transient")),
         (f"step seconds, median of steps 2..{args.steps}", f"{a['median_step_s']:.2f}",
          f"{b['median_step_s']:.2f}", f"x{b['median_step_s'] / a['median_step_s']:.2f}"),
     ]
@@ -513,7 +480,7 @@ def print_memory(args: argparse.Namespace, results: dict[str, dict]) -> None:
     b_rows = args.prompts * args.generations
     logits = b_rows * (args.completion_len + 1) * args.vocab * 4
     print(f"for scale, one model's logits B x (k + 1) x V x 4 bytes = {b_rows} x "
-          f"{args.completion_len + 1} x {args.vocab} x 4 = {_fmt_mib(logits)}")
+          f"{args.completion_len + 1} x {args.vocab} x 4 = {fmt_mib(logits)}")
 
 
 def main(argv: list[str] | None = None) -> int:

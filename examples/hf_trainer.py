@@ -38,11 +38,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from data import load_corpus, sample_batches  # noqa: E402
+from memory import fmt_mib, maxrss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 
 import cce_inductor  # noqa: E402
 
 ARMS = ("compile", "cce")
-MiB = 1024 * 1024
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,35 +108,6 @@ def training_rows(args: argparse.Namespace, tokens: torch.Tensor) -> list[dict]:
 # --------------------------------------------------------------------------- one run
 
 
-def _read_status(field: str) -> int | None:
-    """``VmHWM`` or ``VmRSS`` of this process from /proc (Linux), in bytes."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux only)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _maxrss_bytes() -> int:
-    import resource  # Unix only
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
 def train_one_arm(args: argparse.Namespace, arm: str) -> dict:
     """Train with ``Trainer`` in this process; return losses and peak memory."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -164,7 +135,7 @@ def train_one_arm(args: argparse.Namespace, arm: str) -> dict:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                     peaks["after_first_step"] = 0
-                elif _reset_peak_rss():
+                elif reset_peak_rss():
                     peaks["after_first_step"] = 0
 
     training_args = TrainingArguments(
@@ -186,8 +157,8 @@ def train_one_arm(args: argparse.Namespace, arm: str) -> dict:
         peak_all = None  # the reset after step 1 took the whole-run peak away
         peak_steps = torch.cuda.max_memory_allocated()
     else:
-        peak_all = _maxrss_bytes()
-        peak_steps = _read_status("VmHWM") if peaks["after_first_step"] is not None else None
+        peak_all = maxrss_bytes()
+        peak_steps = rss_bytes("VmHWM") if peaks["after_first_step"] is not None else None
     return {"arm": arm, "losses": losses, "seconds": seconds, "vocab": vocab,
             "peak_all": peak_all, "peak_steps": peak_steps}
 
@@ -204,10 +175,6 @@ def describe_rewrite(args: argparse.Namespace, tokens: torch.Tensor, vocab: int)
     escaping = sum(site.logits_escape for site in report.rewritten)
     return (f"{len(report.rewritten)} of {len(report.sites)} loss(es) rewritten"
             f"{', logits returned next to the loss' if escaping else ''}")
-
-
-def _fmt_mib(b: float | None) -> str:
-    return "n/a" if b is None else f"{b / MiB:,.1f} MiB"
 
 
 def run_arm_subprocess(argv: list[str], arm: str, workdir: str) -> dict:
@@ -239,8 +206,8 @@ def print_report(args: argparse.Namespace, results: dict[str, dict]) -> float:
     for key, what in (("peak_all", "whole run"), ("peak_steps", f"steps 2..{args.steps}")):
         if a[key] is None and b[key] is None:
             continue
-        removed = "n/a" if a[key] is None or b[key] is None else _fmt_mib(a[key] - b[key])
-        rows.append((f"{label}, {what}", _fmt_mib(a[key]), _fmt_mib(b[key]), removed))
+        removed = "n/a" if a[key] is None or b[key] is None else fmt_mib(a[key] - b[key])
+        rows.append((f"{label}, {what}", fmt_mib(a[key]), fmt_mib(b[key]), removed))
     width = max(len(r[0]) for r in rows)
     print()
     print(f"{'':<{width}}  {'compile':>12}  {'cce':>12}  {'removed':>12}")
@@ -248,7 +215,7 @@ def print_report(args: argparse.Namespace, results: dict[str, dict]) -> float:
         print(f"{r[0]:<{width}}  {r[1]:>12}  {r[2]:>12}  {r[3]:>12}")
     n_rows = args.batch * args.seq
     print(f"for scale, the logits N x V x 4 bytes = {n_rows} x {a['vocab']} x 4 "
-          f"= {_fmt_mib(n_rows * a['vocab'] * 4)}")
+          f"= {fmt_mib(n_rows * a['vocab'] * 4)}")
     print(f"train() wall time: compile {a['seconds']:.1f} s, cce {b['seconds']:.1f} s "
           "(both include compiling)")
     print(f"max relative loss difference: {max_rel:.2e} (tolerance {args.tol:.0e})")

@@ -32,11 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from data import load_corpus, sample_batches  # noqa: E402
 from gpt import GPT, GPTConfig  # noqa: E402
+from memory import fmt_mib, maxrss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 
 import cce_inductor  # noqa: E402
 
 ARMS = ("compile", "cce")
-MiB = 1024 * 1024
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,39 +96,6 @@ FALLBACK_NOTICE = (
 # --------------------------------------------------------------------------- one run
 
 
-def _rss_bytes(field: str) -> int | None:
-    """``VmRSS`` or ``VmHWM`` of this process from /proc (Linux), in bytes.
-
-    VmHWM rather than ru_maxrss after a reset: ru_maxrss also keeps the peak
-    of any thread that has exited since.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux only), so one step's peak can be read."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _maxrss_bytes() -> int:
-    import resource  # Unix only
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
 def train_one_arm(args: argparse.Namespace, arm: str) -> dict:
     """Train the model for ``args.steps`` steps under one backend.
 
@@ -173,8 +140,8 @@ def train_one_arm(args: argparse.Namespace, arm: str) -> dict:
             if cuda:
                 before = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            elif _reset_peak_rss():
-                before = _rss_bytes("VmRSS")
+            elif reset_peak_rss():
+                before = rss_bytes("VmRSS")
         t0 = time.perf_counter()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss = compiled(x, y)
@@ -184,15 +151,15 @@ def train_one_arm(args: argparse.Namespace, arm: str) -> dict:
         losses.append(loss.item())  # .item() synchronizes, so the step time is complete
         step_seconds.append(time.perf_counter() - t0)
         if i == 0:
-            peak_all = torch.cuda.max_memory_allocated(device) if cuda else _maxrss_bytes()
+            peak_all = torch.cuda.max_memory_allocated(device) if cuda else maxrss_bytes()
         elif before is not None:
-            peak = torch.cuda.max_memory_allocated(device) if cuda else _rss_bytes("VmHWM")
+            peak = torch.cuda.max_memory_allocated(device) if cuda else rss_bytes("VmHWM")
             if peak is not None:
                 peak_steps = max(peak_steps or 0, peak)
                 transient = max(transient or 0, peak - before)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     bar.close()
-    peak_all = max(peak_all, peak_steps or 0, 0 if cuda else _maxrss_bytes())
+    peak_all = max(peak_all, peak_steps or 0, 0 if cuda else maxrss_bytes())
 
     # The median resists the stalls that other work on a shared machine causes.
     median_step = statistics.median(step_seconds[1:])
@@ -229,10 +196,6 @@ def describe_rewrite(args: argparse.Namespace, tokens: torch.Tensor, vocab: int)
     return f"{len(report.rewritten)} of {len(report.sites)} loss(es) rewritten: {found}"
 
 
-def _fmt_mib(b: float | None) -> str:
-    return "n/a" if b is None else f"{b / MiB:,.1f} MiB"
-
-
 def run_arm_subprocess(argv: list[str], arm: str, workdir: str) -> dict:
     """Re-run this script with ``--arm`` in a fresh interpreter and read its result."""
     result_file = Path(workdir) / f"{arm}.json"
@@ -263,15 +226,15 @@ def print_report(args: argparse.Namespace, results: dict[str, dict], rewrite: bo
     def removed(key: str) -> str:
         if a[key] is None or b[key] is None:
             return "n/a"
-        return _fmt_mib(a[key] - b[key])
+        return fmt_mib(a[key] - b[key])
 
     rows = [
-        (f"{peak_label}, whole run", _fmt_mib(a["peak_all"]), _fmt_mib(b["peak_all"]),
+        (f"{peak_label}, whole run", fmt_mib(a["peak_all"]), fmt_mib(b["peak_all"]),
          removed("peak_all")),
-        (f"{peak_label}, steps 2..{args.steps}", _fmt_mib(a["peak_steps"]),
-         _fmt_mib(b["peak_steps"]), removed("peak_steps")),
-        (f"most one step adds, steps 2..{args.steps}", _fmt_mib(a["transient"]),
-         _fmt_mib(b["transient"]), removed("transient")),
+        (f"{peak_label}, steps 2..{args.steps}", fmt_mib(a["peak_steps"]),
+         fmt_mib(b["peak_steps"]), removed("peak_steps")),
+        (f"most one step adds, steps 2..{args.steps}", fmt_mib(a["transient"]),
+         fmt_mib(b["transient"]), removed("transient")),
         (f"tokens/s, median of steps 2..{args.steps}", f"{a['tokens_per_s']:,.0f}",
          f"{b['tokens_per_s']:,.0f}", f"x{b['tokens_per_s'] / a['tokens_per_s']:.2f}"),
     ]
@@ -281,7 +244,7 @@ def print_report(args: argparse.Namespace, results: dict[str, dict], rewrite: bo
     for r in rows:
         print(f"{r[0]:<{w0}}  {r[1]:>12}  {r[2]:>12}  {r[3]:>12}")
     print(f"for scale, the logits N x V x 4 bytes = {n_rows} x {a['vocab']} x 4 "
-          f"= {_fmt_mib(logits)}")
+          f"= {fmt_mib(logits)}")
     print(f"max relative loss difference: {max_rel:.2e} (tolerance {args.tol:.0e})")
     if not rewrite:
         print(FALLBACK_NOTICE)
