@@ -48,7 +48,14 @@ from torch import Tensor, nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gpt import GPT, GPTConfig  # noqa: E402
-from memory import fmt_mib, maxrss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+from memory import (  # noqa: E402
+    fmt_mib,
+    maxrss_bytes,
+    peak_rows,
+    print_table,
+    reset_peak_rss,
+    rss_bytes,
+)
 
 import cce_inductor  # noqa: E402
 
@@ -457,26 +464,9 @@ def print_memory(args: argparse.Namespace, results: dict[str, dict]) -> None:
     cuda = resolve_device(args.device).type == "cuda"
     label = "peak CUDA memory" if cuda else "peak RSS"
 
-    def removed(key: str) -> str:
-        if a[key] is None or b[key] is None:
-            return "n/a"
-        return fmt_mib(a[key] - b[key])
-
-    rows = [
-        (f"{label}, whole run", fmt_mib(a["peak_all"]), fmt_mib(b["peak_all"]),
-         removed("peak_all")),
-        (f"{label}, steps 2..{args.steps}", fmt_mib(a["peak_steps"]),
-         fmt_mib(b["peak_steps"]), removed("peak_steps")),
-        (f"most one step adds, steps 2..{args.steps}", fmt_mib(a["transient"]),
-         fmt_mib(b["transient"]), removed("transient")),
+    print_table(peak_rows(a, b, label, args.steps) + [
         (f"step seconds, median of steps 2..{args.steps}", f"{a['median_step_s']:.2f}",
-         f"{b['median_step_s']:.2f}", f"x{b['median_step_s'] / a['median_step_s']:.2f}"),
-    ]
-    w0 = max(len(r[0]) for r in rows)
-    print()
-    print(f"{'':<{w0}}  {'compile':>12}  {'cce':>12}  {'removed':>12}")
-    for r in rows:
-        print(f"{r[0]:<{w0}}  {r[1]:>12}  {r[2]:>12}  {r[3]:>12}")
+         f"{b['median_step_s']:.2f}", f"x{b['median_step_s'] / a['median_step_s']:.2f}")])
     b_rows = args.prompts * args.generations
     logits = b_rows * (args.completion_len + 1) * args.vocab * 4
     print(f"for scale, one model's logits B x (k + 1) x V x 4 bytes = {b_rows} x "

@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from data import load_corpus, sample_batches  # noqa: E402
-from memory import fmt_mib, maxrss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+from memory import fmt_mib, maxrss_bytes, print_table, reset_peak_rss, rss_bytes  # noqa: E402
 
 import cce_inductor  # noqa: E402
 
@@ -208,11 +208,7 @@ def print_report(args: argparse.Namespace, results: dict[str, dict]) -> float:
             continue
         removed = "n/a" if a[key] is None or b[key] is None else fmt_mib(a[key] - b[key])
         rows.append((f"{label}, {what}", fmt_mib(a[key]), fmt_mib(b[key]), removed))
-    width = max(len(r[0]) for r in rows)
-    print()
-    print(f"{'':<{width}}  {'compile':>12}  {'cce':>12}  {'removed':>12}")
-    for r in rows:
-        print(f"{r[0]:<{width}}  {r[1]:>12}  {r[2]:>12}  {r[3]:>12}")
+    print_table(rows)
     n_rows = args.batch * args.seq
     print(f"for scale, the logits N x V x 4 bytes = {n_rows} x {a['vocab']} x 4 "
           f"= {fmt_mib(n_rows * a['vocab'] * 4)}")

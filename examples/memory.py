@@ -44,3 +44,28 @@ def maxrss_bytes() -> int:
 def fmt_mib(b: float | None) -> str:
     """``b`` bytes as MiB for the reports, or n/a."""
     return "n/a" if b is None else f"{b / MiB:,.1f} MiB"
+
+
+def peak_rows(a: dict, b: dict, label: str, steps: int) -> list[tuple[str, str, str, str]]:
+    """Report rows of the two runs' peaks (``peak_all``, ``peak_steps``,
+    ``transient``), with what the second removed."""
+    def removed(key: str) -> str:
+        return "n/a" if a[key] is None or b[key] is None else fmt_mib(a[key] - b[key])
+
+    return [
+        (f"{label}, whole run", fmt_mib(a["peak_all"]), fmt_mib(b["peak_all"]),
+         removed("peak_all")),
+        (f"{label}, steps 2..{steps}", fmt_mib(a["peak_steps"]), fmt_mib(b["peak_steps"]),
+         removed("peak_steps")),
+        (f"most one step adds, steps 2..{steps}", fmt_mib(a["transient"]),
+         fmt_mib(b["transient"]), removed("transient")),
+    ]
+
+
+def print_table(rows: list[tuple[str, str, str, str]]) -> None:
+    """Print report rows under the columns compile, cce and removed."""
+    width = max(len(r[0]) for r in rows)
+    print()
+    print(f"{'':<{width}}  {'compile':>12}  {'cce':>12}  {'removed':>12}")
+    for r in rows:
+        print(f"{r[0]:<{width}}  {r[1]:>12}  {r[2]:>12}  {r[3]:>12}")

@@ -32,7 +32,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from data import load_corpus, sample_batches  # noqa: E402
 from gpt import GPT, GPTConfig  # noqa: E402
-from memory import fmt_mib, maxrss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+from memory import (  # noqa: E402
+    fmt_mib,
+    maxrss_bytes,
+    peak_rows,
+    print_table,
+    reset_peak_rss,
+    rss_bytes,
+)
 
 import cce_inductor  # noqa: E402
 
@@ -223,26 +230,9 @@ def print_report(args: argparse.Namespace, results: dict[str, dict], rewrite: bo
     cuda = resolve_device(args.device).type == "cuda"
     peak_label = "peak CUDA memory" if cuda else "peak RSS"
 
-    def removed(key: str) -> str:
-        if a[key] is None or b[key] is None:
-            return "n/a"
-        return fmt_mib(a[key] - b[key])
-
-    rows = [
-        (f"{peak_label}, whole run", fmt_mib(a["peak_all"]), fmt_mib(b["peak_all"]),
-         removed("peak_all")),
-        (f"{peak_label}, steps 2..{args.steps}", fmt_mib(a["peak_steps"]),
-         fmt_mib(b["peak_steps"]), removed("peak_steps")),
-        (f"most one step adds, steps 2..{args.steps}", fmt_mib(a["transient"]),
-         fmt_mib(b["transient"]), removed("transient")),
+    print_table(peak_rows(a, b, peak_label, args.steps) + [
         (f"tokens/s, median of steps 2..{args.steps}", f"{a['tokens_per_s']:,.0f}",
-         f"{b['tokens_per_s']:,.0f}", f"x{b['tokens_per_s'] / a['tokens_per_s']:.2f}"),
-    ]
-    w0 = max(len(r[0]) for r in rows)
-    print()
-    print(f"{'':<{w0}}  {'compile':>12}  {'cce':>12}  {'removed':>12}")
-    for r in rows:
-        print(f"{r[0]:<{w0}}  {r[1]:>12}  {r[2]:>12}  {r[3]:>12}")
+         f"{b['tokens_per_s']:,.0f}", f"x{b['tokens_per_s'] / a['tokens_per_s']:.2f}")])
     print(f"for scale, the logits N x V x 4 bytes = {n_rows} x {a['vocab']} x 4 "
           f"= {fmt_mib(logits)}")
     print(f"max relative loss difference: {max_rel:.2e} (tolerance {args.tol:.0e})")
