@@ -48,7 +48,81 @@ def aot_snapshot(name: str) -> tuple[str, str]:
     return render(recorder.fw_graphs[0].graph), render(recorder.bw_graphs[0].graph)
 
 
+class _ReturnsLogits(torch.nn.Module):
+    """A Hugging Face causal LM's head: the loss of shifted rows, and all logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lm_head = torch.nn.Linear(12, 37, bias=False)
+
+    def forward(self, h, y):
+        logits = self.lm_head(h)
+        shifted = logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(shifted.reshape(-1, 37), y[:, 1:].reshape(-1))
+        return loss, logits
+
+
+def returned_logits_snapshots() -> tuple[str, str, str]:
+    """The Dynamo graph after the rewrite and the AOT forward and backward graphs
+    of ``_ReturnsLogits``, differentiating the loss only."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 5, 12, generator=gen, requires_grad=True)
+    y = torch.randint(0, 37, (2, 5), generator=gen)
+    graphs = {}
+    recorder = torch._dynamo.testing.AotEagerAndRecordGraphs()
+
+    def inner(gm, example_inputs):
+        graphs["after"] = render(gm.graph)
+        return recorder(gm, example_inputs)
+
+    torch._dynamo.reset()
+    loss, _ = torch.compile(_ReturnsLogits(), backend=make_backend(inner))(h, y)
+    loss.backward()
+    return (graphs["after"], render(recorder.fw_graphs[0].graph),
+            render(recorder.bw_graphs[0].graph))
+
+
 class TestRewriteSnapshots(expecttest.TestCase):
+    def test_returned_logits(self):
+        """The returned logits come from ``returned_logits``, whose backward
+        receives the zero gradient of logits nobody differentiated."""
+        after, forward, backward = returned_logits_snapshots()
+        self.assertExpectedInline(after, """\
+v0 = returned_logits(h, lm_head_weight)
+v1 = getitem(y, (:, 1:))
+v2 = v1.reshape(-1)
+v3 = getitem(h, (:, :-1))
+v4 = v3.flatten(0, -2)
+v5 = fused_linear_cross_entropy(v4, lm_head_weight, v2, None, None, -100, 'mean', 0.0, None, 1.0, False, loss_dtype=torch.float32)
+return (v5, v0)""")
+        self.assertExpectedInline(forward, """\
+v0 = returned_logits.default(primals_2, primals_1)
+v1 = slice.Tensor(primals_3, 1, 1, 9223372036854775807)
+v2 = clone.default(v1, memory_format=torch.contiguous_format)
+v3 = _unsafe_view.default(v2, [8])
+v4 = slice.Tensor(primals_2, 1, 0, -1)
+v5 = clone.default(v4, memory_format=torch.contiguous_format)
+v6 = _unsafe_view.default(v5, [8, 12])
+v7 = view.default(v6, [-1, 12])
+v8 = view.default(v3, [-1])
+v9 = linear_cross_entropy.default(v7, primals_1, v8, None, None, -100, 'mean', 0.0, None, 1.0, [True, True, False])
+v10 = getitem(v9, 0)
+v11 = getitem(v9, 5)
+v12 = getitem(v9, 6)
+return (v10, v0, primals_1, primals_2, v11, v12)""")
+        self.assertExpectedInline(backward, """\
+v0 = mul.Tensor(getitem_5, tangents_1)
+v1 = mul.Tensor(getitem_6, tangents_1)
+v2 = view.default(v0, [8, 12])
+v3 = view.default(v2, [2, 4, 12])
+v4 = slice_backward.default(v3, [2, 5, 12], 1, 0, -1, 1)
+v5 = returned_logits_backward.default(tangents_2, primals_2, primals_1, [True, True])
+v6 = getitem(v5, 0)
+v7 = getitem(v5, 1)
+v8 = add.Tensor(v4, v6)
+v9 = add.Tensor(v1, v7)
+return (v9, v8, None)""")
+
     def test_linear_2d(self):
         before, after = snapshot("linear_2d")
         self.assertExpectedInline(before, """\

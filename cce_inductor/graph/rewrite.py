@@ -21,6 +21,7 @@ from torch.fx import Graph, Node
 
 from .. import config
 from ..functional import fused_linear_cross_entropy
+from ..returned_logits import returned_logits
 from .edit import NodeMaker, erase_unused
 from .site import Consumer, Site, replay_rows
 from .vocab_parallel import rewrite_vocab_parallel
@@ -76,6 +77,7 @@ def rewrite_site(graph: Graph, site: Site) -> None:
     for consumer, value in replacements:
         consumer.node.replace_all_uses_with(value)
     _drop_escaping_logits(graph, site)
+    _returned_logits_linear(graph, site)
     dead = [n for c in site.consumers for n in c.node.all_input_nodes]
     for consumer in site.consumers:
         graph.erase_node(consumer.node)
@@ -90,6 +92,7 @@ def _given_logits(new: NodeMaker, site: Site) -> Node | None:
     rows = replay_rows(site.given_logits, site.row_ops, new.function, new.method)
     logits = _as_matrix(new, rows)
     if logits is not site.given_logits and not _value(logits)._is_view():
+        erase_unused(new.graph, [logits])
         return None  # a copy of the logits would cost more than the matmul saves
     return logits
 
@@ -105,7 +108,8 @@ def _as_matrix(new: NodeMaker, rows: Node) -> Node:
     return rows if ndim == 2 else new.method("flatten", rows, 0, -2)
 
 
-def _classifier(new: NodeMaker, site: Site) -> tuple[Node, Node | None]:
+def _classifier(new: NodeMaker, site: Site, vocab_slice: bool = True
+                ) -> tuple[Node, Node | None]:
     c = site.classifier
     if site.classifier_batch_dims:
         c = new.function(operator.getitem, c, (0,) * site.classifier_batch_dims)
@@ -114,7 +118,7 @@ def _classifier(new: NodeMaker, site: Site) -> tuple[Node, Node | None]:
     bias = site.bias
     if bias is not None and _value(bias).dim() != 1:
         bias = new.method("reshape", bias, -1)
-    if site.vocab_slice is not None:
+    if site.vocab_slice is not None and vocab_slice:
         vocab = slice(*site.vocab_slice)
         c = new.function(operator.getitem, c, vocab)
         if bias is not None and site.bias_is_sliced:
@@ -194,6 +198,35 @@ def _drop_escaping_logits(graph: Graph, site: Site) -> None:
             "cce_inductor: logits returned next to the loss are not computed while "
             "training (config.drop_escaping_logits / CCE_INDUCTOR_DROP_LOGITS=1); an "
             "empty tensor is returned in their place.", stacklevel=2)
+
+
+def _returned_logits_linear(graph: Graph, site: Site) -> None:
+    """Where the graph returns the logits, compute them with ``returned_logits``,
+    whose backward skips the zero gradient they get when only the loss is
+    differentiated (two N x V x D matmuls)."""
+    linear = site.linear
+    if not site.escaping or _drops_escaping_logits() or linear._erased or \
+            not linear.users:
+        return
+    with graph.inserting_before(linear):
+        new = NodeMaker(graph, linear)
+        x = site.hidden
+        c, _ = _classifier(new, site, vocab_slice=False)
+        if _dtype(x) != site.compute_dtype:
+            x = new.method("to", x, site.compute_dtype)
+            c = new.method("to", c, site.compute_dtype)
+        logits = new.function(returned_logits, x, c)
+        bias = site.bias
+        if bias is not None and bias in linear.all_input_nodes:
+            if _dtype(bias) != site.compute_dtype:
+                bias = new.method("to", bias, site.compute_dtype)
+            logits = new.function(operator.add, logits, bias)
+    before, after = _value(linear), _value(logits)
+    if before.shape != after.shape or before.dtype != after.dtype:
+        erase_unused(graph, [logits])
+        return
+    linear.replace_all_uses_with(logits)
+    graph.erase_node(linear)
 
 
 def _value(node: Node) -> torch.Tensor:
