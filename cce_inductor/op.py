@@ -222,23 +222,20 @@ def _(e, c, targets, bias, weight, ignore_index, reduction, label_smoothing, sof
     spec = _checked_spec(e, c, targets, bias, weight, ignore_index, reduction,
                          label_smoothing, softcap, logit_scale, logits)
     flags = _three(precompute_grads)
-    if not _triton_forward_serves(e, targets, flags, with_entropy, argmax_dtype, logits):
+    if not _triton_forward_serves(e, flags, logits):
         return _without_tile_maxima(chunked.forward(
             e, c, targets, bias, weight, spec, flags, with_entropy, argmax_dtype, logits))
-    loss, lse, *grads, tile_max = _triton_kernels()[0].forward(
-        e, c, targets, bias, weight, spec, flags, tile_max=True)
-    return (loss, lse, e.new_empty(0), e.new_empty(0, dtype=torch.long), tile_max, *grads)
+    loss, lse, entropy, argmax, *grads, tile_max = _triton_kernels()[0].forward(
+        e, c, targets, bias, weight, spec, flags, with_entropy, argmax_dtype, tile_max=True)
+    return (loss, lse, entropy, argmax, tile_max, *grads)
 
 
-def _triton_forward_serves(e: Tensor, targets: Tensor | None,
-                           flags: tuple[bool, bool, bool], with_entropy: bool,
-                           argmax_dtype: torch.dtype | None, logits: Tensor | None) -> bool:
-    """Whether the Triton forward computes this call (the loss and lse from e
-    and c); the row statistics, given logits and gradients formed in the
-    forward take the chunked sweep."""
+def _triton_forward_serves(e: Tensor, flags: tuple[bool, bool, bool],
+                           logits: Tensor | None) -> bool:
+    """Whether the Triton forward computes this call from e and c; given
+    logits and gradients formed in the forward take the chunked sweep."""
     return e.device.type == "cuda" and _triton_kernels() is not None and \
-        not any(flags) and targets is not None and not with_entropy and \
-        argmax_dtype is None and logits is None
+        not any(flags) and logits is None
 
 
 @linear_cross_entropy_backward_op.register_kernel("cuda")
@@ -246,11 +243,11 @@ def _(grad_loss, grad_lse, grad_entropy, e, c, targets, bias, weight, lse, entro
       tile_max, ignore_index, reduction, label_smoothing, softcap, logit_scale, needs_grad):
     spec = _spec(ignore_index, reduction, label_smoothing, softcap, logit_scale)
     kernels = _triton_kernels()
-    if kernels is None or grad_entropy is not None or targets is None:
+    if kernels is None:
         return chunked.backward(grad_loss, grad_lse, e, c, targets, bias, weight, lse,
                                 spec, _three(needs_grad), grad_entropy, entropy)
     return kernels[1].backward(grad_loss, grad_lse, e, c, targets, bias, weight, lse,
-                               spec, _three(needs_grad),
+                               spec, _three(needs_grad), grad_entropy, entropy,
                                tile_max=tile_max if tile_max.numel() else None)
 
 
@@ -283,8 +280,7 @@ def _(e, c, targets, bias, weight, ignore_index, reduction, label_smoothing, sof
     entropy = e.new_empty(num_rows if with_entropy else 0, dtype=torch.float32)
     argmax = e.new_empty(0 if argmax_dtype is None else num_rows, dtype=torch.long)
     tile_max_shape: tuple[int, ...] = (0,)
-    if _triton_forward_serves(e, targets, (need_e, need_c, need_bias), with_entropy,
-                              argmax_dtype, logits):
+    if _triton_forward_serves(e, (need_e, need_c, need_bias), logits):
         forward_kernels = _triton_kernels()[0]
         tile_max_shape = (-(-num_rows // forward_kernels.REC_N),
                           -(-c.shape[0] // forward_kernels.REC_V))

@@ -27,9 +27,9 @@ from cce_inductor.kernels import triton_backward, triton_forward  # noqa: E402
 
 _SCALARS = {"N", "V", "D", "N_BUCKET", "stride_en", "stride_ed", "stride_cv", "stride_cd",
             "stats_stride", "rec_cols", "first_block", "num_blocks", "acc_v0"}
-_INT_POINTERS = {"targets_ptr": "*i64", "keep_ptr": "*i32", "rank_ptr": "*i32",
-                 "ticket_ptr": "*i32", "counter_ptr": "*i32", "sorted_rows_ptr": "*i32",
-                 "starts_ptr": "*i32"}
+_INT_POINTERS = {"targets_ptr": "*i64", "best_index_ptr": "*i64", "keep_ptr": "*i32",
+                 "rank_ptr": "*i32", "ticket_ptr": "*i32", "counter_ptr": "*i32",
+                 "sorted_rows_ptr": "*i32", "starts_ptr": "*i32"}
 _OPERANDS = {"e_ptr", "c_ptr", "bias_ptr"}
 
 
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         for n, v, d, warps, stages in configs if args.all else configs[:1]:
             kernel = compile_kernel(
                 triton_forward._forward_kernel, operand, operand,
-                dict(features, HAS_WEIGHT=True, SMOOTHING=True, RECORD=True,
+                dict(features, HAS_WEIGHT=True, SMOOTHING=True, RECORD=True, ENTROPY=True,
+                     ARGMAX=True, ARGMAX_ROUND=1 if itemsize == 2 else 0,
                      DOT_PRECISION="tf32", GROUP_N=triton_forward.GROUP_N,
                      REC_N=triton_forward.REC_N, REC_V=triton_forward.REC_V,
                      BLOCK_N=n, BLOCK_V=v, BLOCK_D=d), warps, stages, target)
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                 n, v, d, warps, stages = triton_backward.grad_config(rows, 2304, itemsize)
                 kernel = compile_kernel(
                     triton_backward._tile_kernel, operand, accumulator,
-                    dict(features, HAS_WEIGHT=True, SMOOTHING=True, FILTER=True, NEED_E=True,
+                    dict(features, HAS_WEIGHT=True, SMOOTHING=True, ENTROPY=True,
+                         FILTER=True, NEED_E=True,
                          NEED_C=True, NEED_BIAS=True, DOT_PRECISION="tf32",
                          BLOCK_N=n, BLOCK_V=v, BLOCK_D=d), warps, stages, target)
                 print(f"tiles {operand} (accumulating in {accumulator}) "

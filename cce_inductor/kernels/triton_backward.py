@@ -3,8 +3,10 @@
 Notation of ``chunked``'s module docstring.  The gradient with respect to
 ``x + bias`` (``x = e @ c.T``) is ``G = S - T`` times ``logit_scale``, where
 
-* ``S_ij = d_ij (coeff_i p_ij - smooth_i w_j)`` is the **tile part** (``d_ij``
-  the softcap's derivative, 1 without softcap), computed tile by tile, and
+* ``S_ij = d_ij (coeff_i p_ij - smooth_i w_j - h_i p_ij (log p_ij + H_i))``
+  is the **tile part** (``d_ij`` the softcap's derivative, 1 without
+  softcap; ``h_i`` the upstream gradient of the entropy ``H_i``, 0 when it
+  is not differentiated), computed tile by tile, and
 * ``T_ij = onehot_i d_iy [j == y_i]`` is the **target part**, one entry per
   row, applied outside the tiles.
 
@@ -102,12 +104,12 @@ def grad_config(num_rows: int, dim: int, itemsize: int = 2) -> Config:
 
 @triton.jit
 def _tile_part(e_ptr, c_ptr, bias_ptr, weight_ptr, lse_ptr, coeff_ptr, smooth_ptr,
-               threshold_ptr, rows, cols, N, V, D,
+               threshold_ptr, entropy_ptr, entropy_coeff_ptr, rows, cols, N, V, D,
                stride_en, stride_ed, stride_cv, stride_cd, logit_scale, softcap,
                HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-               SMOOTHING: tl.constexpr, FILTER: tl.constexpr, UPCAST: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-               BLOCK_D: tl.constexpr):
+               SMOOTHING: tl.constexpr, ENTROPY: tl.constexpr, FILTER: tl.constexpr,
+               UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """The tile part S of a tile, times logit_scale (fp32, zero outside the
     masks), and whether any entry passes the filter."""
     row_mask = rows < N
@@ -117,7 +119,13 @@ def _tile_part(e_ptr, c_ptr, bias_ptr, weight_ptr, lse_ptr, coeff_ptr, smooth_pt
                     HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     coeff = tl.load(coeff_ptr + rows, mask=row_mask, other=0.0)
-    g = coeff[:, None] * tl.exp(z - lse[:, None])
+    log_p = z - lse[:, None]
+    p = tl.exp(log_p)
+    g = coeff[:, None] * p
+    if ENTROPY:  # dH/dz = -p (log p + H)
+        entropy = tl.load(entropy_ptr + rows, mask=row_mask, other=0.0)
+        entropy_coeff = tl.load(entropy_coeff_ptr + rows, mask=row_mask, other=0.0)
+        g -= entropy_coeff[:, None] * p * (log_p + entropy[:, None])
     if SMOOTHING:
         smooth = tl.load(smooth_ptr + rows, mask=row_mask, other=0.0)
         if HAS_WEIGHT:
@@ -208,14 +216,15 @@ def _target_kernel(e_ptr, c_ptr, bias_ptr, targets_ptr, onehot_ptr, coef_ptr, gr
 
 @triton.jit
 def _tile_kernel(e_ptr, c_ptr, bias_ptr, weight_ptr, lse_ptr, coeff_ptr, smooth_ptr,
-                 threshold_ptr, keep_ptr, rank_ptr, ticket_ptr, counter_ptr,
-                 sorted_rows_ptr, starts_ptr, targets_ptr, coef_ptr,
+                 threshold_ptr, entropy_ptr, entropy_coeff_ptr, keep_ptr, rank_ptr,
+                 ticket_ptr, counter_ptr, sorted_rows_ptr, starts_ptr, targets_ptr, coef_ptr,
                  grad_e_ptr, grad_c_ptr, grad_bias_ptr,
                  N, V, D, stride_en, stride_ed, stride_cv, stride_cd,
                  first_block, num_blocks, acc_v0, logit_scale, softcap,
                  HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                 HAS_SOFTCAP: tl.constexpr, SMOOTHING: tl.constexpr, FILTER: tl.constexpr,
-                 NEED_E: tl.constexpr, NEED_C: tl.constexpr, NEED_BIAS: tl.constexpr,
+                 HAS_SOFTCAP: tl.constexpr, SMOOTHING: tl.constexpr, ENTROPY: tl.constexpr,
+                 FILTER: tl.constexpr, NEED_E: tl.constexpr, NEED_C: tl.constexpr,
+                 NEED_BIAS: tl.constexpr,
                  UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """One vocabulary block (of ``num_blocks`` from ``first_block``) per
@@ -238,10 +247,11 @@ def _tile_kernel(e_ptr, c_ptr, bias_ptr, weight_ptr, lse_ptr, coeff_ptr, smooth_
             rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
             row_mask = rows < N
             g, above = _tile_part(e_ptr, c_ptr, bias_ptr, weight_ptr, lse_ptr, coeff_ptr,
-                                  smooth_ptr, threshold_ptr, rows, cols, N, V, D,
+                                  smooth_ptr, threshold_ptr, entropy_ptr, entropy_coeff_ptr,
+                                  rows, cols, N, V, D,
                                   stride_en, stride_ed, stride_cv, stride_cd,
                                   logit_scale, softcap, HAS_BIAS, HAS_WEIGHT, HAS_SOFTCAP,
-                                  SMOOTHING, FILTER, UPCAST, DOT_PRECISION,
+                                  SMOOTHING, ENTROPY, FILTER, UPCAST, DOT_PRECISION,
                                   BLOCK_N, BLOCK_V, BLOCK_D)
             g_low = g.to(e_ptr.dtype.element_ty)
             if UPCAST:
@@ -341,15 +351,18 @@ def keep_mask(tile_max: Tensor, cutoffs: Tensor, block_n: int, block_v: int,
 
 
 def backward(grad_loss: Tensor | None, grad_lse: Tensor | None, e: Tensor, c: Tensor,
-             targets: Tensor, bias: Tensor | None, weight: Tensor | None, lse: Tensor,
-             spec: LossSpec, needs: tuple[bool, bool, bool], *,
+             targets: Tensor | None, bias: Tensor | None, weight: Tensor | None,
+             lse: Tensor, spec: LossSpec, needs: tuple[bool, bool, bool],
+             grad_entropy: Tensor | None = None, entropy: Tensor | None = None, *,
              tile_max: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients wrt e, c and bias (empty where ``needs`` says no): same
     contract as ``chunked.backward``, with ``config.filter_eps`` filtering.
 
     ``tile_max``, the forward's tile maxima (``triton_forward.forward(...,
     tile_max=True)``), lets filtering skip tiles before their matmul; without
-    it every tile's logits are computed once and checked."""
+    it every tile's logits are computed once and checked.  The entropy's
+    gradient ``-p (log p + H)`` is never filtered: with ``grad_entropy`` every
+    tile is computed."""
     num_rows, dim = e.shape
     vocab = c.shape[0]
     need_e, need_c, need_bias = needs
@@ -358,6 +371,10 @@ def backward(grad_loss: Tensor | None, grad_lse: Tensor | None, e: Tensor, c: Te
         return e.new_empty(0), e.new_empty(0), e.new_empty(0)
     device = e.device
 
+    if targets is None:  # no loss: every row's target part is zero
+        grad_loss = None
+        targets = torch.full((num_rows,), spec.ignore_index, device=device,
+                             dtype=torch.long)
     terms = row_terms(targets, weight, spec, vocab)
     s = spec.label_smoothing
     coeff = torch.zeros(num_rows, device=device, dtype=torch.float32)
@@ -373,7 +390,11 @@ def backward(grad_loss: Tensor | None, grad_lse: Tensor | None, e: Tensor, c: Te
         smooth = grad_row * (s / vocab)
     if grad_lse is not None:
         coeff += grad_lse.float()
-    eps = resolve_filter_eps(e.dtype)
+    with_entropy = grad_entropy is not None
+    if with_entropy:
+        entropy_coeff = grad_entropy.float().contiguous()
+        entropy = entropy.float().contiguous()
+    eps = None if with_entropy else resolve_filter_eps(e.dtype)
     threshold = coeff if eps is None else eps * torch.maximum(coeff.abs(), onehot.abs())
     lse = lse.float().contiguous()
 
@@ -393,7 +414,8 @@ def backward(grad_loss: Tensor | None, grad_lse: Tensor | None, e: Tensor, c: Te
 
     flags = dict(
         HAS_BIAS=bias is not None, HAS_WEIGHT=weight is not None,
-        HAS_SOFTCAP=spec.softcap is not None, SMOOTHING=s > 0, FILTER=eps is not None,
+        HAS_SOFTCAP=spec.softcap is not None, SMOOTHING=s > 0, ENTROPY=with_entropy,
+        FILTER=eps is not None,
         UPCAST=INTERPRET, DOT_PRECISION=dot_precision(e.dtype),
     )
     scalars = (float(spec.logit_scale), float(spec.softcap or 1.0))
@@ -450,7 +472,8 @@ def backward(grad_loss: Tensor | None, grad_lse: Tensor | None, e: Tensor, c: Te
         out_c = grad_c if scratch is None else scratch.zero_()
         _tile_kernel[(blocks,)](
             e, c, bias if bias is not None else dummy, weight if weight is not None else dummy,
-            lse, coeff, smooth, threshold, group_keep, rank, ticket, counter,
+            lse, coeff, smooth, threshold, entropy if with_entropy else lse,
+            entropy_coeff if with_entropy else lse, group_keep, rank, ticket, counter,
             sorted_rows, starts, terms.targets, coef,
             grad_e if grad_e is not None else dummy, out_c if need_c else dummy,
             grad_bias if grad_bias is not None else dummy,

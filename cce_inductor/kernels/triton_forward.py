@@ -8,7 +8,11 @@ vocabulary tiles, computes each logit tile ``z`` (an fp32-accumulated matmul
 over D followed by bias, logit_scale and softcap) and folds it into per-row
 running statistics: max, sum of ``exp(z - max)``, the target logit (picked
 from the tile that holds it) and, under label smoothing, the weighted sum
-``sum_j w_j z_ij``.  A second, small step in PyTorch combines the splits in a
+``sum_j w_j z_ij``.  On request it also keeps, for the entropy, the sum of
+``exp(z - max) (z - max)`` (moved along with the running max, so that
+``H = log S - that / S`` needs no cancellation between large numbers), and
+for the argmax the largest logit after rounding to the caller's dtype with
+its first column.  A second, small step in PyTorch combines the splits in a
 fixed order (deterministic, no locks) and applies the formulas of
 ``chunked``'s module docstring to these per-row numbers.
 
@@ -179,18 +183,32 @@ def grouped_program(pid, num_row_blocks, num_splits, GROUP_N: tl.constexpr):
 
 
 @triton.jit
+def _rounded(z, ARGMAX_ROUND: tl.constexpr):
+    """z rounded to the dtype the argmax is taken in (1: bfloat16, 2: float16)."""
+    if ARGMAX_ROUND == 1:
+        return z.to(tl.bfloat16).to(tl.float32)
+    if ARGMAX_ROUND == 2:
+        return z.to(tl.float16).to(tl.float32)
+    return z
+
+
+@triton.jit
 def _forward_kernel(e_ptr, c_ptr, bias_ptr, weight_ptr, targets_ptr,
-                    max_ptr, sum_ptr, target_ptr, wsum_ptr, tile_max_ptr,
+                    max_ptr, sum_ptr, target_ptr, wsum_ptr, shifted_ptr,
+                    best_ptr, best_index_ptr, tile_max_ptr,
                     N, V, D, N_BUCKET, stride_en, stride_ed, stride_cv, stride_cd,
                     stats_stride, rec_cols, logit_scale, softcap,
                     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, SMOOTHING: tl.constexpr,
+                    ENTROPY: tl.constexpr, ARGMAX: tl.constexpr, ARGMAX_ROUND: tl.constexpr,
                     RECORD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     GROUP_N: tl.constexpr, REC_N: tl.constexpr, REC_V: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Per (row, split) statistics, each (N, stats_stride): max, sum of
-    exp(z - max), target logit (0 unless in this split), sum_j w_j z_ij; and
-    with RECORD the tile maxima (cdiv(N, REC_N), rec_cols)."""
+    """Per (row, split) statistics, each (N, stats_stride): max m, sum of
+    exp(z - m), target logit (0 unless in this split), sum_j w_j z_ij; with
+    ENTROPY ``sum_j exp(z_ij - m) (z_ij - m)``; with ARGMAX the largest
+    rounded logit and its first column; with RECORD the tile maxima
+    (cdiv(N, REC_N), rec_cols)."""
     num_row_blocks = tl.cdiv(N, BLOCK_N)
     num_splits = tl.num_programs(0) // num_row_blocks
     row_block, split = grouped_program(tl.program_id(0), num_row_blocks, num_splits, GROUP_N)
@@ -206,6 +224,9 @@ def _forward_kernel(e_ptr, c_ptr, bias_ptr, weight_ptr, targets_ptr,
     sum_exp = tl.zeros((BLOCK_N,), tl.float32)
     target_logit = tl.zeros((BLOCK_N,), tl.float32)
     weighted_sum = tl.zeros((BLOCK_N,), tl.float32)
+    shifted_sum = tl.zeros((BLOCK_N,), tl.float32)
+    best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    best_index = tl.zeros((BLOCK_N,), tl.int64)
     for tile in range(first, last):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
         col_mask = cols < V
@@ -226,15 +247,36 @@ def _forward_kernel(e_ptr, c_ptr, bias_ptr, weight_ptr, targets_ptr,
                              N, V, rec_cols, REC_N, REC_V, BLOCK_N, BLOCK_V)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(z, 1))
-        sum_exp = sum_exp * tl.exp(row_max - new_max) + \
-            tl.sum(tl.exp(z - new_max[:, None]), 1)
+        rescale = tl.exp(row_max - new_max)
+        shifted = z - new_max[:, None]
+        unnormalized = tl.exp(shifted)
+        if ENTROPY:
+            # Moving the reference from row_max to new_max (a step of delta)
+            # turns sum e^u u into rescale * (sum e^u u - delta * sum e^u).
+            # (rescale is 0 before the first tile; delta must stay finite there.)
+            delta = tl.where(row_max == float("-inf"), 0.0, new_max - row_max)
+            shifted_sum = rescale * (shifted_sum - delta * sum_exp) + tl.sum(
+                unnormalized * tl.where(col_mask[None, :], shifted, 0.0), 1)
+        sum_exp = sum_exp * rescale + tl.sum(unnormalized, 1)
         row_max = new_max
+        if ARGMAX:
+            rounded = _rounded(z, ARGMAX_ROUND)
+            tile_best = tl.max(rounded, 1)
+            tile_index = tl.argmax(rounded, 1, tie_break_left=True).to(tl.int64)
+            better = tile_best > best  # ties keep the earlier column
+            best_index = tl.where(better, tile * BLOCK_V + tile_index, best_index)
+            best = tl.where(better, tile_best, best)
 
     at = rows.to(tl.int64) * stats_stride + split
     tl.store(max_ptr + at, row_max, mask=row_mask)
     tl.store(sum_ptr + at, sum_exp, mask=row_mask)
     tl.store(target_ptr + at, target_logit, mask=row_mask)
     tl.store(wsum_ptr + at, weighted_sum, mask=row_mask)
+    if ENTROPY:
+        tl.store(shifted_ptr + at, shifted_sum, mask=row_mask)
+    if ARGMAX:
+        tl.store(best_ptr + at, best, mask=row_mask)
+        tl.store(best_index_ptr + at, best_index, mask=row_mask)
 
 
 @triton.jit
@@ -282,56 +324,89 @@ def num_splits(num_rows: int, vocab: int, block_n: int, block_v: int,
     return max(1, min(triton.cdiv(PROGRAMS_PER_SM * sms, row_blocks), tiles))
 
 
-def forward(e: Tensor, c: Tensor, targets: Tensor, bias: Tensor | None,
-            weight: Tensor | None, spec: LossSpec,
-            precompute: tuple[bool, bool, bool], *, tile_max: bool = False
-            ) -> tuple[Tensor, ...]:
-    """Float32 loss (reduced as ``spec.reduction`` says) and per-row lse
-    (float32), plus three empty tensors: same contract as ``chunked.forward``
-    for ``precompute == (False, False, False)``, the only value accepted.
+_ARGMAX_ROUND = {None: 0, torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-    With ``tile_max=True`` a sixth tensor is appended: the tile maxima of the
-    module docstring, for ``triton_backward.backward(..., tile_max=...)``.
+
+def forward(e: Tensor, c: Tensor, targets: Tensor | None, bias: Tensor | None,
+            weight: Tensor | None, spec: LossSpec,
+            precompute: tuple[bool, bool, bool], with_entropy: bool = False,
+            argmax_dtype: torch.dtype | None = None, *, tile_max: bool = False
+            ) -> tuple[Tensor, ...]:
+    """Float32 loss (reduced as ``spec.reduction`` says; empty without
+    targets), per-row lse, entropy and argmax where asked, and three empty
+    gradients: the contract of ``chunked.forward`` for ``precompute ==
+    (False, False, False)``, the only value accepted.
+
+    With ``tile_max=True`` an eighth tensor is appended: the tile maxima of
+    the module docstring, for ``triton_backward.backward(..., tile_max=...)``.
     """
     if any(precompute):
         raise ValueError("the Triton forward does not precompute gradients; "
                          "use chunked.forward for that")
+    if argmax_dtype not in _ARGMAX_ROUND:
+        raise ValueError(f"argmax_dtype must be float32, bfloat16 or float16, got "
+                         f"{argmax_dtype}")
     num_rows, dim = e.shape
     vocab = c.shape[0]
-    terms = row_terms(targets, weight, spec, vocab)
-    smoothing = spec.label_smoothing > 0
+    device = e.device
+    terms = None if targets is None else row_terms(targets, weight, spec, vocab)
+    safe_targets = terms.targets if terms is not None else \
+        torch.full((num_rows,), -1, device=device, dtype=torch.long)
+    smoothing = spec.label_smoothing > 0 and terms is not None
+    with_argmax = argmax_dtype is not None
     configs = candidate_configs(_FORWARD_GPU_CONFIGS, e.element_size())
-    max_splits = max(num_splits(num_rows, vocab, n, v, e.device) for n, v, *_ in configs)
-    stats = torch.zeros(4, num_rows, max_splits, device=e.device, dtype=torch.float32)
+    max_splits = max(num_splits(num_rows, vocab, n, v, device) for n, v, *_ in configs)
+    # max, sum, target logit, weighted sum, shifted sum, best rounded logit
+    stats = torch.zeros(6, num_rows, max_splits, device=device, dtype=torch.float32)
     stats[0].fill_(float("-inf"))  # splits that do not run stay neutral
+    stats[5].fill_(float("-inf"))
+    best_index = torch.zeros(num_rows, max_splits, device=device, dtype=torch.long)
     record = torch.empty(triton.cdiv(num_rows, REC_N), triton.cdiv(vocab, REC_V),
-                         device=e.device, dtype=torch.float32) if tile_max else None
+                         device=device, dtype=torch.float32) if tile_max else None
     if num_rows > 0:
         def grid(meta):
             blocks = triton.cdiv(num_rows, meta["BLOCK_N"])
             return (blocks * num_splits(num_rows, vocab, meta["BLOCK_N"], meta["BLOCK_V"],
-                                        e.device),)
+                                        device),)
         args = (e, c, bias if bias is not None else e, weight if weight is not None else e,
-                terms.targets, *stats.unbind(0), record if record is not None else stats,
+                safe_targets, *stats.unbind(0), best_index,
+                record if record is not None else stats,
                 num_rows, vocab, dim, n_bucket(num_rows), e.stride(0), e.stride(1),
                 c.stride(0), c.stride(1), max_splits, triton.cdiv(vocab, REC_V),
                 float(spec.logit_scale), float(spec.softcap or 1.0))
         flags = dict(HAS_BIAS=bias is not None, HAS_WEIGHT=weight is not None,
                      HAS_SOFTCAP=spec.softcap is not None, SMOOTHING=smoothing,
+                     ENTROPY=with_entropy, ARGMAX=with_argmax,
+                     ARGMAX_ROUND=_ARGMAX_ROUND[argmax_dtype],
                      RECORD=tile_max, UPCAST=INTERPRET, DOT_PRECISION=dot_precision(e.dtype),
                      GROUP_N=GROUP_N, REC_N=REC_N, REC_V=REC_V)
         if len(configs) > 1:
             _forward_tuned(tuple(configs))[grid](*args, **flags)
         else:
             _forward_kernel[grid](*args, **flags, **config_kwargs(configs[0]))
-    split_max, split_sum, split_target, split_wsum = stats.unbind(0)
+    split_max, split_sum, split_target, split_wsum, split_shifted, split_best = \
+        stats.unbind(0)
     row_max = split_max.amax(1)
-    sum_exp = (split_sum * torch.exp(split_max - row_max[:, None])).sum(1)
+    offset = split_max - row_max[:, None]  # <= 0; -inf for splits that saw nothing
+    rescale = torch.exp(offset)
+    sum_exp = (split_sum * rescale).sum(1)
     lse = row_max + sum_exp.log()
-    target_logit = split_target.sum(1)
 
-    weighted_sum = split_wsum.sum(1) if smoothing else None
-    loss = reduce_rows(row_loss(terms, spec, vocab, lse, target_logit, weighted_sum),
-                       terms, spec.reduction)
-    out = (loss, lse, e.new_empty(0), e.new_empty(0), e.new_empty(0))
+    entropy = e.new_empty(0, dtype=torch.float32)
+    if with_entropy:  # H = log S - sum_j e^(z_j - m) (z_j - m) / S
+        moved = torch.where(split_max == float("-inf"), 0.0,
+                            rescale * (split_shifted + offset * split_sum))
+        entropy = sum_exp.log() - moved.sum(1) / sum_exp
+    argmax = e.new_empty(0, dtype=torch.long)
+    if with_argmax:  # the first split holding the best value has the first column
+        argmax = best_index.gather(1, split_best.argmax(1, keepdim=True)).squeeze(1)
+
+    loss = e.new_empty(0, dtype=torch.float32)
+    if terms is not None:
+        target_logit = split_target.sum(1)
+        weighted_sum = split_wsum.sum(1) if smoothing else None
+        loss = reduce_rows(row_loss(terms, spec, vocab, lse, target_logit, weighted_sum),
+                           terms, spec.reduction)
+    empty = e.new_empty(0)
+    out = (loss, lse, entropy, argmax, empty, empty, empty)
     return (*out, record) if tile_max else out
