@@ -191,6 +191,17 @@ def _chunked_entropy(m, h, y):
     return -logprobs.mean() - 0.01 * torch.cat(entropies).mean()
 
 
+def _softcap_then_temperature(m, h, y):
+    logits = 3.0 * torch.tanh(F.linear(h, m.weight) / 3.0) / 0.7  # Gemma's cap, then T
+    logp = F.log_softmax(logits, -1)
+    return -logp.gather(-1, y[..., None]).mean()
+
+
+def _categorical(m, h, y):
+    dist = torch.distributions.Categorical(logits=F.linear(h, m.weight))
+    return -(dist.log_prob(y) + 0.01 * dist.entropy()).mean()
+
+
 def _autocast_bf16(m, h, y):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = m.lm_head(h)
@@ -339,6 +350,12 @@ FORMS: list[Form] = [
          _reference_logprobs, ignored_rows=False, calls=2),
     Form("accuracy_no_grad", "loss, and accuracy from logits.argmax(-1) under no_grad",
          _loss_and_accuracy_no_grad),
+    Form("chunked_entropy", "log-probs, and entropy over row chunks of logits.split(n)",
+         _chunked_entropy, ignored_rows=False, calls=1 + -(-B * T // 4)),
+    Form("softcap_then_temperature", "cap * tanh(z / cap) / T, then log_softmax.gather",
+         _softcap_then_temperature, ignored_rows=False),
+    Form("categorical", "Categorical(logits=z): log_prob(y) and entropy()", _categorical,
+         ignored_rows=False),
     Form("torch_linear_cross_entropy", "F.linear_cross_entropy(h2, W, y2) (torch 2.13+)",
          lambda m, h, y: F.linear_cross_entropy(h.view(-1, D), m.weight, y.view(-1)),
          available=hasattr(F, "linear_cross_entropy")),
@@ -357,8 +374,6 @@ FORMS: list[Form] = [
          reason="needs the full matrix"),
     Form("full_kl", "KL divergence to a full reference distribution", _full_kl,
          reason="needs the full matrix", ignored_rows=False),
-    Form("chunked_entropy", "log-probs, and entropy over row chunks of logits.split(n)",
-         _chunked_entropy, reason="needs the full matrix", ignored_rows=False),
     Form("class_dim_1_unpermuted", "F.cross_entropy(logits (B, T, V), y (B, V)): class dim T",
          lambda m, h, y: F.cross_entropy(F.linear(h, m.weight)[:, :, :T],
                                          y.clamp(min=0) % T),

@@ -25,6 +25,8 @@ from cce_inductor.functional import fused_linear_cross_entropy
 EXAMPLES = int(os.environ.get("CCE_FUZZ_EXAMPLES", "12"))
 LONG_PROFILE = "CCE_FUZZ_EXAMPLES" in os.environ
 RTOL, ATOL = 1e-4, 1e-5
+# Rows per piece of the chunked entropy (TRL uses 128; small here so a batch has several).
+CHUNK = 3
 
 
 @st.composite
@@ -42,7 +44,9 @@ def programs(draw):
         scale=draw(st.sampled_from([None, 0.5, 3.0])),
         softcap=draw(st.sampled_from([None, 4.0])),
         inplace_temperature=draw(st.booleans()),
-        extra=draw(st.sampled_from([None, None, "argmax", "lse", "entropy", "topk"])),
+        temperature_after_softcap=draw(st.booleans()),
+        extra=draw(st.sampled_from([None, None, "argmax", "lse", "entropy", "topk",
+                                    "chunked_entropy", "categorical_entropy"])),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -57,6 +61,8 @@ def build(p):
             logits = logits * p["scale"]
         if p["softcap"] is not None:
             logits = p["softcap"] * torch.tanh(logits / p["softcap"])
+            if p["temperature_after_softcap"]:
+                logits = logits / 0.7
         if p["upcast"]:
             logits = logits.float()
         labels = y
@@ -107,7 +113,22 @@ def _extra(extra, flat, labels):
         return 0.1 * (F.softmax(flat, -1) * F.log_softmax(flat, -1)).sum(-1).mean()
     if extra == "topk":
         return flat.topk(1, -1).values.sum() * 0.0
+    if extra == "chunked_entropy":  # TRL's entropy_from_logits, CHUNK rows at a time
+        pieces = [(F.softmax(c, -1) * F.log_softmax(c, -1)).sum(-1) for c in flat.split(CHUNK)]
+        return 0.1 * torch.cat(pieces).mean()
+    if extra == "categorical_entropy":
+        return 0.1 * torch.distributions.Categorical(logits=flat).entropy().mean()
     return 0.0
+
+
+def expected_calls(p) -> int:
+    """Op calls the rewrite makes: one per site; top-k leaves the logits alone."""
+    if p["extra"] == "topk":
+        return 0
+    if p["extra"] == "chunked_entropy":
+        rows = p["batch"] * (p["seq"] - (p["shift"] is not None))
+        return 1 + -(-rows // CHUNK)
+    return 1
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=not LONG_PROFILE,
@@ -138,4 +159,4 @@ def test_random_loss_programs_match_eager(p):
 
     rewritten = sum(n.target is fused_linear_cross_entropy
                     for gm in graphs for n in gm.graph.nodes)
-    assert rewritten == (0 if p["extra"] == "topk" else 1), p
+    assert rewritten == expected_calls(p), p

@@ -157,6 +157,10 @@ def _gather(node: Node) -> Found | None:
     else:
         source, dim, index = args[0], node.kwargs.get("dim", args[1]), \
             node.kwargs.get("index", args[2])
+    internal: list[Node] = []
+    unbroadcast = _through_broadcast(source, index)
+    if unbroadcast is not None:
+        source, index, internal = unbroadcast
     source_value, index_value = N.value(source), N.value(index)
     if source_value is None or index_value is None:
         return None
@@ -173,10 +177,38 @@ def _gather(node: Node) -> Found | None:
             raise Skip("the gather index does not pick one class per row")
         return None
     consumer = Consumer(node, "log_prob", index=index)
-    found = Found(consumer, "gather", [(source, ANY)])
+    found = Found(consumer, "gather", [(source, ANY)], internal)
     found.options = dict(targets=index, ignore_index=NO_IGNORE_INDEX, reduction="none",
                          logits_dtype=source_value.dtype)
     return found
+
+
+def _through_broadcast(source: Node, index: Node) -> tuple[Node, Node, list[Node]] | None:
+    """``Categorical.log_prob``'s gather, with the operands it broadcast.
+
+    ``value, lp = broadcast_tensors(y[..., None], lp); lp.gather(-1,
+    value[..., :1])`` is ``lp.gather(-1, y[..., None])`` when the broadcast
+    leaves ``lp`` as it is.  Returns the unbroadcast source and index, and the
+    nodes in between (the last one reads the source), or None.
+    """
+    if not (N.is_getitem(source) and N.is_getitem(index) and
+            N.is_getitem(index.args[0])):
+        return None
+    broadcast, piece = source.args
+    index_piece, wanted = index.args
+    if not N.is_function(broadcast, (torch.broadcast_tensors,
+                                     torch.functional.broadcast_tensors)) or \
+            index_piece.args[0] is not broadcast or not isinstance(piece, int) or \
+            not isinstance(index_piece.args[1], int):
+        return None
+    operands = broadcast.args
+    original, targets = operands[piece], operands[index_piece.args[1]]
+    shapes = [N.value(n) for n in (source, original, index, targets)]
+    if any(v is None for v in shapes) or shapes[0].shape != shapes[1].shape or \
+            shapes[2].shape != shapes[3].shape or \
+            wanted not in ((Ellipsis, slice(None, 1, None)), (Ellipsis, slice(0, 1, None))):
+        return None
+    return original, targets, [index, index_piece, source, broadcast]
 
 
 # ---- per-row statistics -------------------------------------------------------

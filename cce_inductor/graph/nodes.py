@@ -46,6 +46,9 @@ RESHAPE_FUNCTIONS = (torch.reshape, torch.flatten, torch.squeeze, torch.unsqueez
 PERMUTE_METHODS = ("permute", "transpose", "swapaxes", "swapdims", "movedim", "t")
 PERMUTE_FUNCTIONS = (torch.permute, torch.transpose, torch.swapaxes, torch.swapdims,
                      torch.movedim, torch.t)
+# Calls that cut a tensor into pieces along one dimension (a tuple of views).
+SPLIT_METHODS = ("split", "chunk", "unbind")
+SPLIT_FUNCTIONS = (torch.split, torch.chunk, torch.unbind, torch.functional.split)
 CAST_METHODS = ("float", "to", "type", "half", "bfloat16", "double", "type_as")
 # In-place scalings of the logits (GRPO's ``logits.div_(temperature)``).
 INPLACE_SCALE_METHODS = ("div_", "mul_")

@@ -146,6 +146,9 @@ def _step(state: Walk, node: Node) -> Node:
         return _permute(state, node)
     if is_inplace(node):
         state.inplace.append(node)
+    if N.is_getitem(node) and N.is_call(node.args[0], N.SPLIT_FUNCTIONS, N.SPLIT_METHODS):
+        state.chain.append(node.args[0])
+        return _index(state, node, *_split_piece(node))
     if N.is_getitem(node):
         return _index(state, node, node.args[0], node.args[1])
     if N.is_method(node, ("narrow", "select", "index_select")) or \
@@ -153,6 +156,8 @@ def _step(state: Walk, node: Node) -> Node:
         return _index(state, node, node.args[0], _as_index(node))
     if N.is_call(node, (), N.CAST_METHODS):
         return _cast(state, node)
+    if _clamps_only_infinities(node):
+        return node.args[0]
     if N.is_method(node, ("redistribute",)):
         # A DTensor's layout changes, not its values; whether the layout is
         # served is decided by the distributed check.
@@ -198,6 +203,49 @@ def _permute(state: Walk, node: Node) -> Node:
     if permutation != tuple(range(ndim)):
         state.row_ops.append(RowPermute(permutation[:-1]))
     return source
+
+
+def _clamps_only_infinities(node: Node) -> bool:
+    """``x.clamp(min=finfo.min)``, as ``Categorical.entropy`` writes it: the same
+    value wherever x is finite, and the op's log-probs of finite logits are."""
+    if not N.is_call(node, (torch.clamp, torch.clip, torch.clamp_min),
+                     ("clamp", "clip", "clamp_min")):
+        return False
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    args = list(node.args[1:]) + [None, None]
+    low = node.kwargs.get("min", args[0])
+    high = None if name == "clamp_min" else node.kwargs.get("max", args[1])
+    value = N.value(node)
+    return high is None and isinstance(low, (int, float)) and value is not None and \
+        value.dtype.is_floating_point and low <= torch.finfo(value.dtype).min
+
+
+def _split_piece(node: Node) -> tuple[Node, tuple]:
+    """``pieces[i]`` of ``pieces = x.split(...)`` (or ``chunk``, ``unbind``) as
+    ``(x, index)`` with ``x[index]`` the same rows: TRL's chunked entropy,
+    say, which takes the entropy of a block of rows at a time."""
+    pieces_node, i = node.args
+    name = pieces_node.target if isinstance(pieces_node.target, str) else \
+        pieces_node.target.__name__
+    source = pieces_node.args[0]
+    inp = _tensor_input(node, source)
+    pieces = pieces_node.meta.get("example_value", pieces_node.meta.get("val"))
+    default_at = 1 if name == "unbind" else 2
+    dim = pieces_node.kwargs.get("dim", pieces_node.args[default_at]
+                                 if len(pieces_node.args) > default_at else 0)
+    if not isinstance(i, int) or not isinstance(dim, int) or \
+            not isinstance(pieces, (tuple, list)):
+        raise Skip(f"{node.name} takes a piece of the logits that is not a constant one")
+    dim %= inp.dim()
+    if dim == inp.dim() - 1:
+        raise Skip(f"{pieces_node.name} splits the vocabulary dimension")
+    if name == "unbind":
+        return source, (slice(None),) * dim + (i,)
+    start = sum(piece.shape[dim] for piece in pieces[:i])
+    length = pieces[i].shape[dim]
+    if not isinstance(start, int) or not isinstance(length, int):
+        raise Skip(f"{pieces_node.name} cuts the rows into pieces of symbolic size")
+    return source, (slice(None),) * dim + (slice(start, start + length),)
 
 
 def _as_index(node: Node) -> tuple:
@@ -332,14 +380,9 @@ def _normalization(state: Walk, node: Node) -> Node:
         return _switch(state, node, reads=PROBS, gives=LOG_PROBS)
     if N.is_call(node, (torch.log,), ("log",)):
         return _switch(state, node, reads=LOG_PROBS, gives=PROBS)
-    if state.normalized:
-        raise Skip(f"{node.name} normalizes the logits a second time")
-    if state.logit_scale != 1.0 or state.softcap is not None or state.bias is not None:
-        raise Skip("log-probabilities are scaled or shifted before the consumer")
     handwritten = _logsumexp_subtracted(node)
     if handwritten is not None:
         source, produces = handwritten, LOG_PROBS
-        state.chain.append(node.args[1])
     else:
         source = node.args[0] if node.args else node.kwargs.get("input")
         produces = LOG_PROBS if N.is_log_softmax(node) else PROBS
@@ -349,6 +392,18 @@ def _normalization(state: Walk, node: Node) -> Node:
         dtype = node.kwargs.get("dtype", node.args[2] if len(node.args) > 2 else None)
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise Skip(f"{node.name}'s dtype is not a constant")
+    if state.normalized:
+        # softmax(log_softmax(z)) is softmax(z), as torch.distributions writes
+        # it: a log-softmax only shifts each row, which a normalization undoes.
+        if produces != LOG_PROBS or _affine(state) != (1.0, None, None):
+            raise Skip(f"{node.name} normalizes the logits a second time")
+        if handwritten is not None:
+            state.chain.append(node.args[1])
+        return source
+    if state.logit_scale != 1.0 or state.softcap is not None or state.bias is not None:
+        raise Skip("log-probabilities are scaled or shifted before the consumer")
+    if handwritten is not None:
+        state.chain.append(node.args[1])
     if state.space == LOGITS:
         raise Skip(f"{N.describe(node)} normalizes what is read as raw logits")
     if state.space == LOSS_INPUT:
@@ -460,9 +515,11 @@ def _softcap(state: Walk, node: Node) -> Node | None:
         return None
     if state.softcap is not None:
         raise Skip("two softcaps")
-    if state.logit_scale != 1.0 or state.bias is not None:
-        raise Skip("the logits are scaled or shifted after the softcap")
-    state.softcap = float(cap)
+    if state.bias is not None:
+        raise Skip("the logits are shifted after the softcap")
+    # A temperature after the softcap, s * cap * tanh(u / cap), is the softcap
+    # |s| cap of s * u: the scale already recorded applies to u as well.
+    state.softcap = float(cap) * abs(state.logit_scale)
     state.chain += [tanh, inner]
     return found[1]
 
