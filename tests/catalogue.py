@@ -197,6 +197,20 @@ def _softcap_then_temperature(m, h, y):
     return -logp.gather(-1, y[..., None]).mean()
 
 
+def _trl_selective_log_softmax(m, h, y):
+    logits = F.linear(h, m.weight)[:, :-1] / 0.9
+    index = y[:, 1:]
+    selected = torch.gather(logits, dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
+    lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])  # TRL, float32
+    return -(selected - lse).mean()
+
+
+def _argmax_of_other_rows(m, h, y):
+    logits = F.linear(h, m.weight)
+    first = F.cross_entropy(logits[:, 0], y[:, 0])
+    return first + 0.0 * (logits[:, -1].argmax(-1) == y[:, -1]).float().mean()
+
+
 def _categorical(m, h, y):
     dist = torch.distributions.Categorical(logits=F.linear(h, m.weight))
     return -(dist.log_prob(y) + 0.01 * dist.entropy()).mean()
@@ -351,9 +365,13 @@ FORMS: list[Form] = [
     Form("accuracy_no_grad", "loss, and accuracy from logits.argmax(-1) under no_grad",
          _loss_and_accuracy_no_grad),
     Form("chunked_entropy", "log-probs, and entropy over row chunks of logits.split(n)",
-         _chunked_entropy, ignored_rows=False, calls=1 + -(-B * T // 4)),
+         _chunked_entropy, ignored_rows=False),
     Form("softcap_then_temperature", "cap * tanh(z / cap) / T, then log_softmax.gather",
          _softcap_then_temperature, ignored_rows=False),
+    Form("trl_selective_log_softmax", "gather - torch.stack([lg.logsumexp(-1) for lg in z])",
+         _trl_selective_log_softmax, ignored_rows=False),
+    Form("argmax_of_other_rows", "CE of z[:, 0], and z[:, -1].argmax(-1): two calls",
+         _argmax_of_other_rows, ignored_rows=False, calls=2),
     Form("categorical", "Categorical(logits=z): log_prob(y) and entropy()", _categorical,
          ignored_rows=False),
     Form("torch_linear_cross_entropy", "F.linear_cross_entropy(h2, W, y2) (torch 2.13+)",

@@ -22,7 +22,7 @@ from . import nodes as N
 from . import steps
 from .consumers import Found, is_loss, recognize
 from .distributed import classifier_skip_reason
-from .site import TARGET_KINDS, Site
+from .site import TARGET_KINDS, RowIndex, Site
 from .steps import LOG_PROBS, LOGITS, Skip, Walk, walk
 
 
@@ -92,6 +92,7 @@ def _grad_mode_regions(graph: Graph) -> dict[Node, int]:
 
 def _sites_of_linear(entries: list[tuple[Found, Walk]], order: dict[Node, int],
                      region: dict[Node, int]) -> list[Site]:
+    _defer_row_selections(entries, region)
     def shares(group: list[tuple[Found, Walk]], entry: tuple[Found, Walk],
                with_affine: bool) -> bool:
         (found, walked), (other_found, other) = group[0], entry
@@ -138,6 +139,40 @@ def _sites_of_linear(entries: list[tuple[Found, Walk]], order: dict[Node, int],
                 continue  # no target: a router's softmax, say; not worth a report
         sites.append(site)
     return sites
+
+
+def _defer_row_selections(entries: list[tuple[Found, Walk]], region: dict[Node, int]
+                          ) -> None:
+    """Let a per-row statistic of some rows share the call over all of them.
+
+    ``torch.stack([lg.logsumexp(-1) for lg in z])`` next to a gather of
+    ``z``, or an entropy over the ``split`` pieces of ``z``'s rows: the
+    statistic of a selection of rows is that selection of the statistic of
+    all rows.  Where the last row step before such a consumer selects rows
+    with constants, and either another consumer (same grad mode) reads those
+    rows whole or the step is a piece of a split, the step moves from the
+    op's input to its output (``Consumer.output_rows``).
+    """
+    keys = [(walked.key(), region[found.consumer.node]) for found, walked in entries]
+    for i, (found, walked) in enumerate(entries):
+        last = walked.row_ops[-1] if walked.row_ops else None
+        if found.consumer.kind in TARGET_KINDS or not isinstance(last, RowIndex) or \
+                last.lead is None or not all(_constant_selection(e) for e in last.index):
+            continue
+        walked.row_ops.pop()
+        whole = (walked.key(), region[found.consumer.node])
+        if last.piece or any(key == whole for j, key in enumerate(keys) if j != i):
+            found.consumer.output_rows = (last.index, last.lead)
+            walked.final_logits = None  # it may lie after the selection
+        else:
+            walked.row_ops.append(last)
+
+
+def _constant_selection(entry: object) -> bool:
+    if isinstance(entry, int):
+        return True
+    return isinstance(entry, slice) and all(
+        b is None or isinstance(b, int) for b in (entry.start, entry.stop, entry.step))
 
 
 def _site(group: list[tuple[Found, Walk]]) -> Site:

@@ -156,6 +156,10 @@ def _replacement(new: NodeMaker, consumer: Consumer, out: dict[str, Node],
         per_row = new.function(operator.sub, out["lse"], out["entropy"])
     else:
         per_row = out[{"lse": "lse", "entropy": "entropy", "argmax": "argmax"}[kind]]
+    if consumer.output_rows is not None:  # a selection of the rows the op computed
+        index, lead = consumer.output_rows
+        per_row = new.function(operator.getitem, new.method("reshape", per_row, lead),
+                               index)
     return _cast_like(new, _shaped_like(new, per_row, consumer.node, rows), consumer.node)
 
 

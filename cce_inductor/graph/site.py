@@ -37,9 +37,15 @@ KINDS = (*TARGET_KINDS, "lse", "neg_entropy", "entropy", "mean_logit", "argmax")
 
 @dataclass(frozen=True)
 class RowIndex:
-    """``x[index]`` with the vocabulary's entry whole: selects or reorders rows."""
+    """``x[index]`` with the vocabulary's entry whole: selects or reorders rows.
+
+    ``lead`` is the shape of the rows it indexes (None where symbolic) and
+    ``piece`` says that it takes one piece of a ``split``/``chunk``/``unbind``.
+    """
 
     index: tuple
+    lead: tuple | None = None
+    piece: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,9 @@ class Consumer:
     keepdim: bool = False  # for row reductions: the vocabulary dim kept as size 1
     index: Node | None = None  # the gather index, for log_prob / logit
     dtype: torch.dtype | None = None  # the consumer's input dtype (argmax rounding)
+    # For a per-row statistic of some of the site's rows: (index, lead), the
+    # op's per-row output reshaped to ``lead`` and indexed so.
+    output_rows: tuple | None = None
 
 
 @dataclass

@@ -148,7 +148,7 @@ def _step(state: Walk, node: Node) -> Node:
         state.inplace.append(node)
     if N.is_getitem(node) and N.is_call(node.args[0], N.SPLIT_FUNCTIONS, N.SPLIT_METHODS):
         state.chain.append(node.args[0])
-        return _index(state, node, *_split_piece(node))
+        return _index(state, node, *_split_piece(node), piece=True)
     if N.is_getitem(node):
         return _index(state, node, node.args[0], node.args[1])
     if N.is_method(node, ("narrow", "select", "index_select")) or \
@@ -268,7 +268,7 @@ def _as_index(node: Node) -> tuple:
     return (slice(None),) * dim + (entry,)
 
 
-def _index(state: Walk, node: Node, source: Node, index: Any) -> Node:
+def _index(state: Walk, node: Node, source: Node, index: Any, piece: bool = False) -> Node:
     """A getitem: rows selected in any way, and possibly a slice of the vocabulary."""
     inp, out = _tensor_input(node, source), N.value(node)
     entries = _normalize_index(node, index, inp.dim())
@@ -283,7 +283,9 @@ def _index(state: Walk, node: Node, source: Node, index: Any) -> Node:
         _slice_vocabulary(state, node, vocab_entry, int(inp.shape[-1]))
     if any(e is not None and e != slice(None) for e in rows) or \
             sum(e is None for e in rows):
-        state.row_ops.append(RowIndex(rows))
+        lead = tuple(inp.shape[:-1])
+        plain = all(isinstance(s, int) for s in lead)
+        state.row_ops.append(RowIndex(rows, lead if plain else None, piece))
     return source
 
 
