@@ -43,30 +43,56 @@ def rewrite_graph(graph: Graph) -> list[Site]:
     """Rewrite every matched loss in ``graph`` in place; return all candidate sites.
 
     Never raises.  If matching fails, the graph is left as it is; if rewriting
-    one site fails, the nodes it added are removed and that site is reported
-    as skipped.  Either way one warning names the reason.
+    one site fails, the graph goes back to what it was before that site (or,
+    where that cannot be undone, the pass starts over from the untouched
+    graph without it) and the site is reported as skipped.  Either way one
+    warning names the reason.
     """
+    original: list[Graph] = []  # the untouched graph, copied before the first edit
+    failed: dict[int, str] = {}  # position of a failed site's anchor -> reason
+    while True:
+        sites, start_over = _rewrite_sites(graph, failed, original)
+        if not start_over:
+            return sites
+        _restore(graph, original[0])
+
+
+def _rewrite_sites(graph: Graph, failed: dict[int, str], original: list[Graph]
+                   ) -> tuple[list[Site], bool]:
+    """One pass over the sites; True when a failure left the graph changed."""
     try:
         sites = find_sites(graph)
     except Exception as error:
         _warn_failure(error)
-        return []
+        return [], False
+    position = {node: i for i, node in enumerate(graph.nodes)}
     for site in sites:
+        anchor = position[site.anchor]
+        if anchor in failed:
+            site.skip_reason = failed[anchor]
+            continue
         if not site.rewrite:
             log.info("cce_inductor left %s at %s alone: %s", site.form,
                      site.source_line(), site.skip_reason)
             continue
+        if not original:
+            original.append(_snapshot(graph))
         existing = set(graph.nodes)
         try:
             rewrite_site(graph, site)
             graph.lint()
         except Exception as error:
-            _remove_added_nodes(graph, existing)
-            site.skip_reason = f"the rewrite failed ({type(error).__name__}: {error})"
+            site.skip_reason = failed[anchor] = \
+                f"the rewrite failed ({type(error).__name__}: {error})"
             _warn_failure(error)
+            try:
+                _remove_added_nodes(graph, existing)
+                graph.lint()
+            except Exception:
+                return sites, True
             continue
         log.info("cce_inductor rewrote %s at %s", site.form, site.source_line())
-    return sites
+    return sites, False
 
 
 def _warn_failure(error: Exception) -> None:
@@ -79,6 +105,29 @@ def _remove_added_nodes(graph: Graph, existing: set) -> None:
     for node in reversed(list(graph.nodes)):  # users always come after their inputs
         if node not in existing:
             graph.erase_node(node)
+
+
+def _snapshot(graph: Graph) -> Graph:
+    """A copy of ``graph``: nodes, arguments and metadata."""
+    copy = Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    return copy
+
+
+def _restore(graph: Graph, snapshot: Graph) -> None:
+    """Make ``graph`` a copy of ``snapshot`` in place (passes hold on to it).
+
+    The placeholders stay the same objects (the rewrite never edits them, and
+    Dynamo keeps attributes on them); every other node is copied back.
+    """
+    inputs = [node for node in graph.nodes if node.op == "placeholder"]
+    others = [node for node in graph.nodes if node.op != "placeholder"]
+    for node in others:  # drop every edge first: a failed edit may leave them out of order
+        node.args, node.kwargs = (), {}
+    for node in reversed(others):
+        graph.erase_node(node)
+    saved_inputs = [node for node in snapshot.nodes if node.op == "placeholder"]
+    graph.output(graph.graph_copy(snapshot, dict(zip(saved_inputs, inputs))))
 
 
 def make_backend(inner: str | Backend = "inductor") -> Backend:

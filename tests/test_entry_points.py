@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import cce_inductor
 from cce_inductor import backend as backend_module
 from cce_inductor import config
+from cce_inductor.functional import fused_linear_cross_entropy
 
 V, D = 41, 9
 
@@ -156,6 +157,48 @@ def test_failed_rewrite_leaves_graph_unchanged_with_one_warning(monkeypatch):
     messages = [str(c.message) for c in caught if "cce_inductor" in str(c.message)]
     assert len(messages) == 1 and "simulated failure" in messages[0]
     torch.testing.assert_close(loss, loss_fn(h, w, y))
+
+
+def test_failure_after_the_graph_changed_restores_it(monkeypatch):
+    """A rewrite that fails half way, with the graph already edited, is undone;
+    the other site of the same graph is still rewritten."""
+    from cce_inductor.graph import rewrite as rewrite_module
+
+    real = rewrite_module.rewrite_site
+    calls = []
+
+    def fails_once_after_editing(graph, site):
+        real(graph, site)
+        calls.append(site.form)
+        if len(calls) == 1:
+            output = next(n for n in graph.nodes if n.op == "output")
+            with graph.inserting_before(output):
+                graph.call_function(torch.neg, (output,))  # a node that reads its user
+            raise RuntimeError("simulated failure after editing")
+
+    def two_losses(h, w, y):
+        first = F.cross_entropy(F.linear(h, w).view(-1, V), y.view(-1))
+        second = F.cross_entropy(F.linear(h * 2, w).view(-1, V), y.view(-1))
+        return first + second
+
+    monkeypatch.setattr(backend_module, "rewrite_site", fails_once_after_editing)
+    h, w, y = inputs()
+    graphs = []
+
+    def inner(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = torch.compile(two_losses, backend=cce_inductor.make_backend(inner))(h, w, y)
+    messages = [str(c.message) for c in caught if "cce_inductor" in str(c.message)]
+    assert len(messages) == 1 and "simulated failure after editing" in messages[0]
+    torch.testing.assert_close(loss, two_losses(h, w, y))
+    ops = [n for n in graphs[0].graph.nodes if n.target is fused_linear_cross_entropy]
+    losses = [n for n in graphs[0].graph.nodes if n.target is F.cross_entropy]
+    assert len(ops) == 1 and len(losses) == 1
 
 
 def test_explain_reports_source_line_and_memory():

@@ -72,12 +72,15 @@ def rewrite_site(graph: Graph, site: Site) -> None:
         outputs = _unpack(new, result, target is not None, needs)
         replacements = [(consumer, _replacement(new, consumer, outputs, rows))
                         for consumer in site.consumers]
+    returned = _returned_logits(graph, site)
 
     # Everything above only added nodes; from here on the graph changes.
     for consumer, value in replacements:
         consumer.node.replace_all_uses_with(value)
     _drop_escaping_logits(graph, site)
-    _returned_logits_linear(graph, site)
+    if returned is not None:
+        site.linear.replace_all_uses_with(returned)
+        graph.erase_node(site.linear)
     dead = [n for c in site.consumers for n in c.node.all_input_nodes]
     for consumer in site.consumers:
         graph.erase_node(consumer.node)
@@ -108,22 +111,27 @@ def _as_matrix(new: NodeMaker, rows: Node) -> Node:
     return rows if ndim == 2 else new.method("flatten", rows, 0, -2)
 
 
-def _classifier(new: NodeMaker, site: Site, vocab_slice: bool = True
-                ) -> tuple[Node, Node | None]:
-    c = site.classifier
-    if site.classifier_batch_dims:
-        c = new.function(operator.getitem, c, (0,) * site.classifier_batch_dims)
-    if site.classifier_is_transposed:
-        c = new.method("t", c)
+def _classifier(new: NodeMaker, site: Site) -> tuple[Node, Node | None]:
+    c = _classifier_matrix(new, site)
     bias = site.bias
     if bias is not None and _value(bias).dim() != 1:
         bias = new.method("reshape", bias, -1)
-    if site.vocab_slice is not None and vocab_slice:
+    if site.vocab_slice is not None:
         vocab = slice(*site.vocab_slice)
         c = new.function(operator.getitem, c, vocab)
         if bias is not None and site.bias_is_sliced:
             bias = new.function(operator.getitem, bias, vocab)
     return c, bias
+
+
+def _classifier_matrix(new: NodeMaker, site: Site) -> Node:
+    """The (V, D) classifier of the site's linear, over its whole vocabulary."""
+    c = site.classifier
+    if site.classifier_batch_dims:
+        c = new.function(operator.getitem, c, (0,) * site.classifier_batch_dims)
+    if site.classifier_is_transposed:
+        c = new.method("t", c)
+    return c
 
 
 def _unpack(new: NodeMaker, result: Node, has_loss: bool, needs: set[str]
@@ -204,23 +212,23 @@ def _drop_escaping_logits(graph: Graph, site: Site) -> None:
             "empty tensor is returned in their place.", stacklevel=2)
 
 
-def _returned_logits_linear(graph: Graph, site: Site) -> None:
-    """Where the graph returns the logits, compute them with ``returned_logits``,
-    whose backward skips the zero gradient they get when only the loss is
-    differentiated (two N x V x D matmuls)."""
+def _returned_logits(graph: Graph, site: Site) -> Node | None:
+    """Where the graph returns the logits, the nodes that compute them with
+    ``returned_logits`` (inserted before the linear, which they replace),
+    whose backward skips the zero gradient such logits get when only the loss
+    is differentiated (two N x V x D matmuls).  None where nothing is returned
+    or the new value would differ in shape or dtype."""
     linear = site.linear
-    if not site.escaping or _drops_escaping_logits() or linear._erased or \
-            not linear.users:
-        return
+    if not site.escaping or _drops_escaping_logits() or linear._erased:
+        return None
     with graph.inserting_before(linear):
         new = NodeMaker(graph, linear)
-        x = site.hidden
-        c, _ = _classifier(new, site, vocab_slice=False)
+        x, c = site.hidden, _classifier_matrix(new, site)
         if _dtype(x) != site.compute_dtype:
             x = new.method("to", x, site.compute_dtype)
             c = new.method("to", c, site.compute_dtype)
         logits = new.function(returned_logits, x, c)
-        bias = site.bias
+        bias = site.bias  # inside the linear (F.linear's or addmm's): added here
         if bias is not None and bias in linear.all_input_nodes:
             if _dtype(bias) != site.compute_dtype:
                 bias = new.method("to", bias, site.compute_dtype)
@@ -228,9 +236,8 @@ def _returned_logits_linear(graph: Graph, site: Site) -> None:
     before, after = _value(linear), _value(logits)
     if before.shape != after.shape or before.dtype != after.dtype:
         erase_unused(graph, [logits])
-        return
-    linear.replace_all_uses_with(logits)
-    graph.erase_node(linear)
+        return None
+    return logits
 
 
 def _value(node: Node) -> torch.Tensor:
