@@ -2,10 +2,10 @@
 
 The full zoo runs take many minutes; here ``check_class`` runs on one causal
 LM (Llama) and two sequence-to-sequence models (T5, whose decoder inputs come
-from the labels, and BART, whose bias follows its head), each built tiny, trained one step eagerly, with plain
-``aot_eager`` and with the rewrite, and both must come out rewritten with
-parity.  The helpers that decide parity and shrink configurations are checked
-on small inputs.
+from the labels, and BART, whose bias follows its head), each built tiny,
+trained one step eagerly, with plain ``aot_eager`` and with the rewrite, and
+each must come out rewritten with parity.  The helpers that decide parity
+and shrink configurations are checked on small inputs.
 """
 
 from __future__ import annotations

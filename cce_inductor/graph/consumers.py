@@ -150,7 +150,7 @@ def _gather(node: Node) -> Found | None:
     if not _is_gather(node):
         return None
     args = list(node.args) + [None] * 3
-    name = node.target if isinstance(node.target, str) else node.target.__name__
+    name = N.call_name(node)
     if name == "take_along_dim":
         source, index, dim = args[0], node.kwargs.get("indices", args[1]), \
             node.kwargs.get("dim", args[2])

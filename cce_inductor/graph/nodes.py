@@ -102,8 +102,7 @@ def transpose_source(node: Any) -> Node | None:
     source_value = value(source)
     if source_value is None or source_value.dim() != 2:
         return None
-    name = node.target if isinstance(node.target, str) else \
-        getattr(node.target, "__name__", "")
+    name = call_name(node)
     if is_attribute(node, ("T", "mT")) or name in ("t", "numpy_T"):
         return source
     if is_call(node, PERMUTE_FUNCTIONS, PERMUTE_METHODS):
@@ -114,7 +113,7 @@ def transpose_source(node: Any) -> Node | None:
 
 def permutation_of(node: Node, ndim: int) -> tuple[int, ...] | None:
     """The dims of the input that each output dim comes from, for a permute-like node."""
-    name = node.target if isinstance(node.target, str) else node.target.__name__
+    name = call_name(node)
     args = [a for a in node.args[1:]]
     kwargs = node.kwargs
     dims = list(range(ndim))
@@ -163,11 +162,24 @@ def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def value(node: Any) -> torch.Tensor | None:
-    """The example (fake) tensor Dynamo recorded for ``node``, if any."""
+def call_name(node: Node) -> str:
+    """The name of what ``node`` calls: a method's name or a function's ``__name__``."""
+    if isinstance(node.target, str):
+        return node.target
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def example(node: Any) -> Any:
+    """The example value Dynamo recorded for ``node`` (a fake tensor, a tuple of
+    them for ``split``, ...), or None."""
     if not isinstance(node, Node):
         return None
-    found = node.meta.get("example_value", node.meta.get("val"))
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def value(node: Any) -> torch.Tensor | None:
+    """The example (fake) tensor Dynamo recorded for ``node``, if any."""
+    found = example(node)
     return found if isinstance(found, torch.Tensor) else None
 
 
@@ -175,6 +187,4 @@ def describe(node: Node) -> str:
     """``name (target)`` for messages."""
     if node.op == "output":
         return "the graph output"
-    target = node.target if isinstance(node.target, str) else \
-        getattr(node.target, "__name__", str(node.target))
-    return f"{node.name} ({target})"
+    return f"{node.name} ({call_name(node)})"

@@ -211,7 +211,7 @@ def _clamps_only_infinities(node: Node) -> bool:
     if not N.is_call(node, (torch.clamp, torch.clip, torch.clamp_min),
                      ("clamp", "clip", "clamp_min")):
         return False
-    name = node.target if isinstance(node.target, str) else node.target.__name__
+    name = N.call_name(node)
     args = list(node.args[1:]) + [None, None]
     low = node.kwargs.get("min", args[0])
     high = None if name == "clamp_min" else node.kwargs.get("max", args[1])
@@ -225,11 +225,9 @@ def _split_piece(node: Node) -> tuple[Node, tuple]:
     ``(x, index)`` with ``x[index]`` the same rows: TRL's chunked entropy,
     say, which takes the entropy of a block of rows at a time."""
     pieces_node, i = node.args
-    name = pieces_node.target if isinstance(pieces_node.target, str) else \
-        pieces_node.target.__name__
+    name = N.call_name(pieces_node)
     source = pieces_node.args[0]
-    inp = _tensor_input(node, source)
-    pieces = pieces_node.meta.get("example_value", pieces_node.meta.get("val"))
+    inp, pieces = _tensor_input(node, source), N.example(pieces_node)
     default_at = 1 if name == "unbind" else 2
     dim = pieces_node.kwargs.get("dim", pieces_node.args[default_at]
                                  if len(pieces_node.args) > default_at else 0)
@@ -250,7 +248,7 @@ def _split_piece(node: Node) -> tuple[Node, tuple]:
 
 def _as_index(node: Node) -> tuple:
     """``narrow``/``select``/``index_select`` as the equivalent getitem index."""
-    name = node.target if isinstance(node.target, str) else node.target.__name__
+    name = N.call_name(node)
     ndim = _tensor_input(node, node.args[0]).dim()
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     if not isinstance(dim, int):
